@@ -1,0 +1,5 @@
+"""Allows ``python -m cmedl ...``."""
+
+from cmedl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Square 2D patches: cropping with padding (training) and tiling with blended overlaps (inference).
+
+The networks see 256x256 patches. At inference a slice region of any size is covered by overlapping
+tiles; each tile's class probabilities are weighted by a window that is largest at the tile centre (the
+network sees most context there) and the weighted sum is divided by the summed weights.
+Arrays are numpy ``(..., H, W)``; positions are ``(row, column)`` pixel indices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def tile_starts(length: int, patch: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of size ``patch`` covering ``[0, length)`` with at least ``overlap`` (fraction).
+
+    When ``length <= patch`` a single tile at 0 is returned (the caller pads). The last tile ends exactly
+    at ``length``; the others are spread evenly so every overlap is at least the requested one.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if length <= patch:
+        return [0]
+    stride = max(1, int(patch * (1.0 - overlap)))
+    count = math.ceil((length - patch) / stride) + 1
+    last = length - patch
+    return [round(i * last / (count - 1)) for i in range(count)]
+
+
+def tile_grid(height: int, width: int, patch: int, overlap: float) -> list[tuple[int, int]]:
+    """Top-left corners ``(row, column)`` of the tiles covering an ``height x width`` region."""
+    return [(row, col) for row in tile_starts(height, patch, overlap) for col in tile_starts(width, patch, overlap)]
+
+
+def blending_window(patch: int, floor: float = 1e-3) -> np.ndarray:
+    """A ``(patch, patch)`` float32 weight window: a separable Gaussian (sigma = patch/8) peaking at 1.
+
+    The ``floor`` keeps border pixels that only one tile covers from being divided by ~0.
+    """
+    coords = np.arange(patch, dtype=np.float64) - (patch - 1) / 2.0
+    sigma = patch / 8.0
+    profile = np.exp(-0.5 * (coords / sigma) ** 2)
+    window = np.outer(profile, profile)
+    window /= window.max()
+    return np.maximum(window, floor).astype(np.float32)
+
+
+def pad_to_at_least(array: np.ndarray, size: int, fill: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad the last two axes of ``array`` at the bottom/right up to ``size``.
+
+    Returns the padded array and the original ``(H, W)``.
+    """
+    height, width = array.shape[-2:]
+    pad_rows, pad_cols = max(0, size - height), max(0, size - width)
+    if pad_rows == 0 and pad_cols == 0:
+        return array, (height, width)
+    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_rows), (0, pad_cols)]
+    return np.pad(array, widths, mode="constant", constant_values=fill), (height, width)
+
+
+def crop_centered(array: np.ndarray, center: tuple[int, int], size: int, fill: float) -> np.ndarray:
+    """The ``size x size`` window of the last two axes of ``array`` centred on ``center`` (row, column).
+
+    Parts of the window outside the array are filled with ``fill``; ``array`` may be ``(H, W)`` or ``(C, H, W)``.
+    """
+    height, width = array.shape[-2:]
+    top, left = int(center[0]) - size // 2, int(center[1]) - size // 2
+    out = np.full(array.shape[:-2] + (size, size), fill, dtype=array.dtype)
+    src_top, src_left = max(top, 0), max(left, 0)
+    src_bottom, src_right = min(top + size, height), min(left + size, width)
+    if src_bottom > src_top and src_right > src_left:
+        out[..., src_top - top : src_bottom - top, src_left - left : src_right - left] = array[
+            ..., src_top:src_bottom, src_left:src_right
+        ]
+    return out
+
+
+@dataclass
+class SliceBlender:
+    """Accumulates blended tile probabilities for a stack of equally sized slices, one slice at a time.
+
+    Tiles may arrive in any order; a slice is finished (and its memory freed) as soon as all of its
+    tiles have arrived, so at most the slices of the batches in flight are held in memory.
+
+    Args:
+        height, width: size of each (padded) slice region.
+        num_classes: number of probability channels per tile.
+        patch: tile side in pixels.
+        overlap: tile overlap fraction (as for :func:`tile_grid`).
+    """
+
+    height: int
+    width: int
+    num_classes: int
+    patch: int
+    overlap: float
+    window: np.ndarray = field(init=False)
+    tiles: list[tuple[int, int]] = field(init=False)
+    _sums: dict[int, np.ndarray] = field(init=False, default_factory=dict)
+    _counts: dict[int, int] = field(init=False, default_factory=dict)
+    _weights: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.window = blending_window(self.patch)
+        self.tiles = tile_grid(self.height, self.width, self.patch, self.overlap)
+        weights = np.zeros((self.height, self.width), dtype=np.float32)
+        for row, col in self.tiles:
+            weights[row : row + self.patch, col : col + self.patch] += self.window
+        # Every slice is tiled the same way, so one weight map serves them all.
+        self._weights = weights
+
+    def add(self, slice_index: int, tile: tuple[int, int], probabilities: np.ndarray) -> np.ndarray | None:
+        """Add one tile's ``(num_classes, patch, patch)`` probabilities; returns the slice's blended
+        ``(num_classes, height, width)`` probabilities once its last tile has arrived, else None."""
+        row, col = tile
+        total = self._sums.get(slice_index)
+        if total is None:
+            total = np.zeros((self.num_classes, self.height, self.width), dtype=np.float32)
+            self._sums[slice_index] = total
+            self._counts[slice_index] = 0
+        total[:, row : row + self.patch, col : col + self.patch] += probabilities * self.window
+        self._counts[slice_index] += 1
+        if self._counts[slice_index] < len(self.tiles):
+            return None
+        del self._sums[slice_index], self._counts[slice_index]
+        return total / self._weights
+
+    @property
+    def slices_in_flight(self) -> int:
+        return len(self._sums)
+
+
+def predict_slices(
+    network: torch.nn.Module,
+    slices: Iterable[tuple[Any, np.ndarray]],
+    num_classes: int,
+    patch: int,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    background: float = -1.0,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """Run ``network`` tile by tile over 2D slices and yield ``(key, probabilities)`` per slice.
+
+    Args:
+        slices: ``(key, image)`` pairs; every ``image`` is a normalised float32 ``(H, W)`` array of the same size.
+            Slices smaller than ``patch`` are padded with ``background``.
+        num_classes: channels of the network's logits.
+        patch: tile side in pixels.
+
+    Yields:
+        ``(key, probabilities)`` in input order, probabilities being float32 ``(num_classes, H, W)`` softmax
+        values blended over the overlapping tiles. Only the slices whose tiles are in the current batch are
+        held in memory.
+    """
+    device = torch.device(device)
+    autocast = autocast or contextlib.nullcontext
+    blender: SliceBlender | None = None
+    size: tuple[int, int] | None = None
+    batch: list[tuple[Any, tuple[int, int], np.ndarray]] = []
+
+    def run(batch):
+        inputs = torch.from_numpy(np.stack([tile for _, _, tile in batch])[:, None]).to(device)
+        with torch.inference_mode(), autocast():
+            logits = network(inputs)
+        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        for (key, tile, _), tile_probabilities in zip(batch, probabilities):
+            blended = blender.add(key, tile, tile_probabilities)
+            if blended is not None:
+                yield key, blended[:, : size[0], : size[1]]
+
+    for key, image in slices:
+        if blender is None:
+            size = image.shape
+            padded_shape = (max(size[0], patch), max(size[1], patch))
+            blender = SliceBlender(padded_shape[0], padded_shape[1], num_classes, patch, overlap)
+        elif image.shape != size:
+            raise ValueError(f"all slices must have one size; got {image.shape} after {size}")
+        padded, _ = pad_to_at_least(np.asarray(image, dtype=np.float32), patch, background)
+        for row, col in blender.tiles:
+            batch.append((key, (row, col), padded[row : row + patch, col : col + patch]))
+            if len(batch) == batch_size:
+                yield from run(batch)
+                batch = []
+    if batch:
+        yield from run(batch)
