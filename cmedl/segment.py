@@ -16,7 +16,6 @@ Only the probabilities of the slices whose patches are in flight are held in mem
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,16 +24,15 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 
+from cmedl.devices import autocast_context, autocast_dtype, resolve_device
 from cmedl.errors import InputError
 from cmedl.lungs import LungDetection, detect_lungs
 from cmedl.modality import check_looks_like_ct
 from cmedl.modelfile import LoadedModel, load_model
-from cmedl.patches import predict_slices
+from cmedl.patches import predict_slices, resize_slices
 from cmedl.progress import Progress
-from cmedl.volumes import read_volume, write_labelmap
+from cmedl.volumes import normalise_hu, read_volume, write_labelmap
 
 CANONICAL_ORIENTATION = "LPS"
 
@@ -80,27 +78,6 @@ class SegmentResult:
             "seconds": round(self.seconds, 2),
             **self.extra,
         }
-
-
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a usable GPU is an error."""
-    requested = (requested or "auto").lower()
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError("a GPU was asked for (--device cuda) but CUDA is not available; use --device cpu")
-        return torch.device(requested)
-    raise InputError(f"unknown device {requested!r}; use auto, cpu or cuda")
-
-
-def normalise_hu(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip HU to ``window`` and scale linearly to [-1, 1] (float32)."""
-    low, high = window
-    clipped = np.clip(values.astype(np.float32), low, high)
-    return (clipped - low) * (2.0 / (high - low)) - 1.0
 
 
 def resampled_size(size: tuple[int, int], spacing: tuple[float, float], target: tuple[float, float]) -> tuple[int, int]:
@@ -180,10 +157,8 @@ class Segmenter:
 
         def prepared() -> Iterator[tuple[int, np.ndarray]]:
             for z in slices:
-                tensor = torch.from_numpy(normalise_hu(volume[int(z)][box], card.hu_window))[None, None]
-                if work_size != region_size:
-                    tensor = F.interpolate(tensor, size=work_size, mode="bilinear", align_corners=False)
-                yield int(z), tensor[0, 0].numpy()
+                pixels = normalise_hu(volume[int(z)][box], card.hu_window)
+                yield int(z), resize_slices(pixels[None], work_size)[0]
 
         total = len(slices)
         self.progress.update("segment", 0, total, "slices")
@@ -198,17 +173,12 @@ class Segmenter:
             autocast=self._autocast,
         )
         for done, (z, probabilities) in enumerate(predictions, start=1):
-            if work_size != region_size:
-                tensor = torch.from_numpy(np.ascontiguousarray(probabilities))[None]
-                probabilities = F.interpolate(tensor, size=region_size, mode="bilinear", align_corners=False)[0].numpy()
+            probabilities = resize_slices(probabilities[None], region_size)[0]
             self.progress.update("segment", done, total, "slices")
             yield z, probabilities
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        return autocast_context(self.device, autocast_dtype(self.device, "auto"))
 
 
 def segment_file(

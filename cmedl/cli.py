@@ -1,0 +1,363 @@
+"""The ``cmedl`` command line (also ``python -m cmedl``).
+
+Subcommands: ``segment``, ``lungs``, ``train``, ``phantom``, ``info``, ``demo``, ``bench``.
+Every failure a user can cause ends with one line on stderr (``cmedl: error: ...``) and an exit code
+that tells the outcomes apart (see :mod:`cmedl.errors`): 2 no lungs found, 3 bad input, 4 bad model
+file, 5 not a CT, 6 cannot write output, 7 bad configuration, 8 training failed, 130 cancelled.
+With ``--progress json`` the same error is also sent as a JSON event for a parent process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cmedl import __version__
+from cmedl.errors import CMEDLError, InputError
+from cmedl.progress import JsonLinesProgress, Progress, TextProgress
+
+Handler = Callable[[argparse.Namespace, Progress], int]
+
+
+def _progress_for(args: argparse.Namespace) -> Progress:
+    mode = getattr(args, "progress", "text")
+    if mode == "json":
+        return JsonLinesProgress(sys.stdout)
+    if mode == "none" or not sys.stderr.isatty():
+        return _QuietProgress()
+    return TextProgress(sys.stderr)
+
+
+class _QuietProgress(Progress):
+    """No progress bar (output is not a terminal) but log lines still reach stderr."""
+
+    def _emit(self, event: dict) -> None:
+        if event["event"] == "log":
+            print(event["message"], file=sys.stderr)
+
+
+def _print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- segment -----------------------------------------------------------------------------------------
+
+
+def _add_segment(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("segment", help="segment the lung tumour in a chest CT")
+    parser.add_argument("input", help="CT volume file (.nii.gz, .nrrd, .mha) or DICOM series folder")
+    parser.add_argument("-o", "--output", required=True, help="output labelmap: .seg.nrrd, .nii.gz or .nrrd")
+    parser.add_argument("--model", default=None, help="model file or catalogue name (default: built-in demo model)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=4, help="patches per network call")
+    parser.add_argument("--threshold", type=float, default=0.5, help="tumour probability threshold")
+    parser.add_argument("--lung-threshold", type=float, default=-300.0, help="lung air threshold in HU")
+    parser.add_argument("--roi-margin", type=float, default=30.0, help="ROI margin around the lungs in mm")
+    parser.add_argument("--force", action="store_true", help="segment even if the image does not look like CT")
+    parser.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    _add_progress_flag(parser)
+    parser.set_defaults(handler=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import resolve_model
+    from cmedl.segment import SegmentOptions, segment_file
+
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if not 0.0 < args.threshold < 1.0:
+        raise InputError("--threshold must be between 0 and 1")
+    options = SegmentOptions(
+        lung_threshold_hu=args.lung_threshold,
+        roi_margin_mm=args.roi_margin,
+        probability_threshold=args.threshold,
+        batch_size=args.batch_size,
+        device=args.device,
+        force=args.force,
+    )
+    summary = segment_file(args.input, args.output, resolve_model(args.model), options, progress)
+    progress.done(summary)
+    if args.json:
+        _print_json(summary)
+    elif args.progress != "json":
+        print(
+            f"{summary['output']}: lung tumour {summary['tumour_volume_ml']:.1f} mL, "
+            f"{summary['slices_segmented']} slices, {summary['seconds']:.1f} s on {summary['device']}"
+        )
+    return 0
+
+
+# -- lungs -------------------------------------------------------------------------------------------
+
+
+def _add_lungs(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("lungs", help="detect the lungs: lung mask, slice range and ROI")
+    parser.add_argument("input", help="CT volume file or DICOM series folder")
+    parser.add_argument("--lungs-out", help="write the lung mask here")
+    parser.add_argument("--roi-out", help="write the ROI mask here")
+    parser.add_argument("--threshold", type=float, default=-300.0, help="air threshold in HU")
+    parser.add_argument("--margin", type=float, default=30.0, help="ROI margin around the lungs in mm")
+    parser.add_argument("--json", action="store_true", help="print lung volume, slice range and ROI box as JSON")
+    parser.set_defaults(handler=_run_lungs, progress="none")
+
+
+def _run_lungs(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.lungs import detect_lungs
+    from cmedl.volumes import read_volume, write_labelmap
+
+    for out in (args.lungs_out, args.roi_out):
+        if out and Path(out).resolve() == Path(args.input).resolve():
+            raise InputError("an output path is the input path; the input is never overwritten")
+    detection = detect_lungs(read_volume(args.input), threshold_hu=args.threshold, margin_mm=args.margin)
+    if args.lungs_out:
+        write_labelmap(detection.lung_mask, args.lungs_out)
+    if args.roi_out:
+        write_labelmap(detection.roi_mask, args.roi_out)
+    summary = detection.summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        first, last = summary["slice_range"]
+        print(f"lungs: {summary['lung_volume_ml']:.0f} mL, slices {first}-{last}")
+    return 0
+
+
+# -- train -------------------------------------------------------------------------------------------
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a segmentor (ct_only) on CT images/ and labels/")
+    parser.add_argument("--config", help="JSON configuration file (command-line values override it)")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    parser.add_argument("--method", choices=["ct_only", "cmedl"])
+    parser.add_argument("--ct", help="CT dataset folder with images/ and labels/")
+    parser.add_argument("--mr", help="MRI dataset folder with images/ (and optional labels/)")
+    parser.add_argument("--out", help="run folder to create")
+    parser.add_argument("--segmentor", choices=["unet", "densefcn", "mrrn"])
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--iterations-per-epoch", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--patch-size", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config value")
+    _add_progress_flag(parser)
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.training.config import TrainConfig
+    from cmedl.training.trainer import Trainer
+
+    named = {
+        "method": args.method,
+        "ct": args.ct,
+        "mr": args.mr,
+        "out": args.out,
+        "segmentor": args.segmentor,
+        "epochs": args.epochs,
+        "iterations_per_epoch": args.iterations_per_epoch,
+        "batch_size": args.batch_size,
+        "patch_size": args.patch_size,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    named = {key: value for key, value in named.items() if value is not None}
+    if args.resume:
+        if args.config or {"method", "ct", "mr", "out", "segmentor"} & set(named):
+            raise InputError("--resume continues a run as configured; only --epochs, --device and --set may change")
+        overrides = TrainConfig.from_dict({}).with_overrides(args.set)
+        changed = {key: getattr(overrides, key) for key in (s.split("=", 1)[0].strip() for s in args.set)}
+        trainer = Trainer.resume_run(args.resume, progress, **changed, **named)
+    else:
+        config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+        config = TrainConfig.from_dict({**config.to_dict(), **named}).with_overrides(args.set)
+        trainer = Trainer(config, progress)
+    status = trainer.fit()
+    progress.done({"run": str(trainer.run.path), **status})
+    if args.progress != "json":
+        print(f"{trainer.run.path}: {status['state']} ({status.get('message', '')})")
+    return 0 if status["state"] in ("finished", "stopped") else 8
+
+
+# -- phantom -----------------------------------------------------------------------------------------
+
+
+def _add_phantom(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("phantom", help="write synthetic unpaired CT/MRI chest phantoms with tumours")
+    parser.add_argument("out", help="dataset folder to write (ct/ and mr/ with images/ and labels/)")
+    parser.add_argument("--ct", type=int, default=4, help="number of CT cases")
+    parser.add_argument("--mr", type=int, default=4, help="number of MRI cases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=512, help="in-plane matrix size (smaller = coarser spacing)")
+    _add_progress_flag(parser)
+    parser.set_defaults(handler=_run_phantom)
+
+
+def _run_phantom(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.phantom import write_phantom_dataset
+
+    if args.ct < 0 or args.mr < 0 or args.ct + args.mr == 0:
+        raise InputError("ask for at least one case (--ct N and/or --mr M, not negative)")
+    if args.size < 64:
+        raise InputError("--size must be at least 64")
+    summary = write_phantom_dataset(
+        args.out,
+        n_ct=args.ct,
+        n_mr=args.mr,
+        seed=args.seed,
+        size=args.size,
+        progress=lambda done, total: progress.update("phantom", done, total, "cases"),
+    )
+    progress.done({"out": str(args.out)})
+    if args.progress != "json":
+        print(f"{args.out}: {args.ct} CT and {args.mr} MRI phantom cases")
+    return 0 if summary is not None else 1
+
+
+# -- info --------------------------------------------------------------------------------------------
+
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("info", help="show a model file's model card and sha256")
+    parser.add_argument("model", nargs="?", default=None, help="model file or catalogue name (default: demo)")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=_run_info, progress="none")
+
+
+def _run_info(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import resolve_model
+    from cmedl.modelfile import describe_model
+
+    info = describe_model(resolve_model(args.model))
+    if args.json:
+        _print_json(info)
+        return 0
+    card = info["model_card"]
+    lines = [
+        f"file:          {info['file']}",
+        f"sha256:        {info['sha256']}",
+        f"name:          {card['name']}",
+        f"architecture:  {card['architecture']} {card['architecture_options']} ({info['parameters']:,} parameters)",
+        f"method:        {card['method']}",
+        f"input:         CT, HU window {card['hu_window']}, spacing {card['spacing_mm']} mm, "
+        f"patch {card['patch_size']}",
+        f"labels:        {', '.join(label['name'] for label in card['labels'])}",
+        f"training data: {card['training_data']}",
+        f"metrics:       {card['metrics']}",
+        f"license:       {card['license']}",
+        f"intended use:  {card['intended_use']}",
+        f"engine:        {card['engine_version']}",
+    ]
+    if card.get("description"):
+        lines.append(f"description:   {card['description']}")
+    print("\n".join(lines))
+    return 0
+
+
+# -- demo and bench ----------------------------------------------------------------------------------
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("demo", help="segment a new phantom CT with the built-in model and report Dice")
+    parser.add_argument("--out", default="demo_output", help="folder for the phantom, result and overlay")
+    parser.add_argument("--seed", type=int, default=2026, help="phantom seed (not one used to train the model)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_progress_flag(parser)
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.demo import run_demo
+
+    summary = run_demo(Path(args.out), seed=args.seed, device=args.device, progress=progress)
+    progress.done(summary)
+    print(
+        f"demo: Dice {summary['dice']:.3f} against the phantom's truth, tumour {summary['tumour_volume_ml']:.1f} mL "
+        f"(truth {summary['truth_volume_ml']:.1f} mL), segmented in {summary['segment_seconds']:.1f} s, "
+        f"total {summary['total_seconds']:.1f} s\n"
+        f"      result {summary['output']}\n      overlay {summary['overlay']}"
+    )
+    return 0
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("bench", help="inference speed: ms per slice per segmentor, whole-CT time and memory")
+    parser.add_argument("--segmentors", default="unet,densefcn,mrrn")
+    parser.add_argument("--batch-sizes", default="1,4,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--skip-volume", action="store_true", help="skip the whole-CT figure")
+    parser.set_defaults(handler=_run_bench, progress="none")
+
+
+def _run_bench(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.bench import run_benchmarks
+
+    run_benchmarks(
+        segmentors=[s for s in args.segmentors.split(",") if s],
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b],
+        repeats=args.repeats,
+        device=args.device,
+        whole_volume=not args.skip_volume,
+    )
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+
+def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        choices=["text", "json", "none"],
+        default="text",
+        help="progress display: a bar (text), JSON lines on stdout for a parent process (json), or none",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmedl",
+        description="CMEDL: lung tumour segmentation on CT with cross-modality educed distillation.",
+    )
+    parser.add_argument("--version", action="version", version=f"cmedl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_segment, _add_lungs, _add_train, _add_phantom, _add_info, _add_demo, _add_bench):
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = _progress_for(args)
+    handler: Handler = args.handler
+    try:
+        return handler(args, progress)
+    except CMEDLError as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        progress.error(message, error.exit_code)
+        if not isinstance(progress, JsonLinesProgress) or sys.stderr is not sys.stdout:
+            print(f"cmedl: error: {message}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("cmedl: error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("cmedl: error: out of memory; try a smaller --batch-size or another device", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug, not a user error: one line, the traceback only on request
+        if os.environ.get("CMEDL_DEBUG"):
+            traceback.print_exc()
+        first = str(error).splitlines()[0] if str(error) else ""
+        print(f"cmedl: error: unexpected {type(error).__name__}: {first} (CMEDL_DEBUG=1 shows details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

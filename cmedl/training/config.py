@@ -1,0 +1,163 @@
+"""Training configuration: every value a run uses, with defaults, parsing and validation.
+
+A configuration is a flat dataclass so that any value can be set from the command line
+(``--set key=value``), from a JSON file (``--config FILE``) or from the Slicer panel, and so that the
+resolved configuration saved in a run folder is one readable JSON object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmedl.errors import ConfigError
+
+METHODS = ("ct_only", "cmedl")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs.
+
+    Data: ``ct`` (and ``mr`` for CMEDL) are folders holding ``images/`` and ``labels/`` with matching file names.
+    Geometry: slices are resampled in-plane to ``spacing_mm`` (x, y) and cut into ``patch_size`` square patches.
+    """
+
+    method: str = "ct_only"
+    ct: str = ""
+    mr: str = ""
+    out: str = ""
+    validation: str = ""
+    validation_fraction: float = 0.2
+    segmentor: str = "unet"
+    segmentor_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 50
+    iterations_per_epoch: int = 100
+    batch_size: int = 2
+    patch_size: int = 256
+    spacing_mm: tuple[float, float] = (1.0, 1.0)
+    hu_window: tuple[float, float] = (-1000.0, 500.0)
+    tumour_patch_fraction: float = 0.7
+    augment: bool = True
+    lr_segmentor: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    early_stopping_patience: int = 10
+    validation_max_cases: int = 8
+    validation_overlap: float = 0.25
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    name: str = ""
+    license: str = "Apache-2.0"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+        config = cls()
+        for key, value in data.items():
+            setattr(config, key, _coerce(key, value, getattr(config, key)))
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"configuration file {path.name} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"configuration file {path.name} must hold one JSON object")
+        return cls.from_dict(data)
+
+    def with_overrides(self, assignments: list[str]) -> TrainConfig:
+        """Apply ``key=value`` strings; values are parsed as JSON when they parse, else taken as text."""
+        config = dataclasses.replace(self)
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"--set expects key=value, got {assignment!r}")
+            if key not in self.field_names():
+                raise ConfigError(f"unknown configuration key {key!r}")
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+            setattr(config, key, _coerce(key, value, getattr(config, key)))
+        return config
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the first inconsistent value."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not self.ct:
+            raise ConfigError("no CT folder given (--ct DIR with images/ and labels/)")
+        if self.method == "cmedl" and not self.mr:
+            raise ConfigError("method cmedl needs an MRI folder (--mr DIR)")
+        if not self.out:
+            raise ConfigError("no run folder given (--out RUN)")
+        positive = ("epochs", "iterations_per_epoch", "batch_size", "patch_size", "early_stopping_patience")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.patch_size % 32:
+            raise ConfigError(f"patch_size must be a multiple of 32, got {self.patch_size}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 <= self.tumour_patch_fraction <= 1.0:
+            raise ConfigError(f"tumour_patch_fraction must be in [0, 1], got {self.tumour_patch_fraction}")
+        if min(self.spacing_mm) <= 0:
+            raise ConfigError(f"spacing_mm must be positive, got {self.spacing_mm}")
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ConfigError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ConfigError(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
+        return self
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` to the type of ``default`` (tuples from lists, numbers from text)."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+            if len(items) != len(default):
+                raise ValueError(value)
+            return tuple(type(d)(v) for d, v in zip(default, items))
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+        if isinstance(default, str):
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid value for {key}: {value!r}") from None
+    return value

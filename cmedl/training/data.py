@@ -1,0 +1,176 @@
+"""Training data: finding image/label pairs, preparing volumes, and sampling 2D training patches.
+
+Dataset convention: a folder holds ``images/`` and ``labels/``; a label belongs to the image with the
+same file name. Volumes are reoriented to axial LPS, resampled in-plane to the run's pixel spacing,
+normalised and kept in memory as float16 slices; patches are drawn from them at random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from cmedl.training.augment import AugmentConfig, augment_pair
+
+from cmedl.errors import InputError, TrainingError
+from cmedl.patches import crop_centered, resize_slices
+from cmedl.volumes import list_volumes, read_volume, same_geometry, stem_of
+
+CANONICAL_ORIENTATION = "LPS"
+BACKGROUND = -1.0  # normalised value of air, used to pad patches
+
+
+@dataclass(frozen=True)
+class CasePaths:
+    """One case of a dataset folder: its name, image and (optional) label."""
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+def find_cases(folder: str | Path, require_labels: bool = True) -> list[CasePaths]:
+    """The cases of a dataset folder (``folder/images`` and ``folder/labels``), sorted by name.
+
+    Raises :class:`InputError` when ``images/`` is missing or empty, or when labels are required and some
+    image has none (the message names the first few).
+    """
+    folder = Path(folder)
+    images_dir, labels_dir = folder / "images", folder / "labels"
+    if not images_dir.is_dir():
+        raise InputError(f"{folder} has no images/ folder (expected {folder}/images and {folder}/labels)")
+    labels = {stem_of(path): path for path in list_volumes(labels_dir)} if labels_dir.is_dir() else {}
+    cases = [CasePaths(stem_of(path), path, labels.get(stem_of(path))) for path in list_volumes(images_dir)]
+    if not cases:
+        raise InputError(f"no images found in {images_dir}")
+    if require_labels:
+        unlabelled = [case.name for case in cases if case.label is None]
+        if unlabelled:
+            shown = ", ".join(unlabelled[:3]) + (" ..." if len(unlabelled) > 3 else "")
+            raise InputError(f"{len(unlabelled)} image(s) in {images_dir} have no label in {labels_dir}: {shown}")
+    return cases
+
+
+@dataclass
+class PreparedVolume:
+    """A volume ready for patch sampling.
+
+    Attributes:
+        image: ``(Z, H, W)`` float16 normalised intensities, in-plane spacing = the run's spacing.
+        label: ``(Z, H, W)`` uint8 class indices, or None for an unlabelled case.
+        tumour_slices: indices of slices with at least one foreground voxel.
+    """
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray | None
+    tumour_slices: np.ndarray
+
+
+def prepare_volume(
+    case: CasePaths, spacing_mm: tuple[float, float], normalise: Callable[[np.ndarray], np.ndarray]
+) -> PreparedVolume:
+    """Read, reorient, resample in-plane to ``spacing_mm`` (x, y) and normalise one case."""
+    image = sitk.DICOMOrient(read_volume(case.image), CANONICAL_ORIENTATION)
+    label_array = None
+    if case.label is not None:
+        label = sitk.DICOMOrient(read_volume(case.label), CANONICAL_ORIENTATION)
+        if not same_geometry(image, label, tolerance=1e-3):
+            raise InputError(f"label of case {case.name} is not on the image's grid")
+        label_array = sitk.GetArrayFromImage(label).astype(np.uint8)
+    pixels = sitk.GetArrayFromImage(image)
+    spacing_x, spacing_y = image.GetSpacing()[:2]
+    rows, cols = pixels.shape[1:]
+    size = (max(1, round(rows * spacing_y / spacing_mm[1])), max(1, round(cols * spacing_x / spacing_mm[0])))
+    normalised = resize_slices(normalise(pixels).astype(np.float32), size).astype(np.float16)
+    if label_array is not None:
+        label_array = resize_slices(label_array, size, mode="nearest")
+        tumour_slices = np.flatnonzero(label_array.reshape(len(label_array), -1).any(axis=1))
+    else:
+        tumour_slices = np.zeros(0, dtype=np.int64)
+    return PreparedVolume(case.name, normalised, label_array, tumour_slices)
+
+
+def split_cases(cases: list[CasePaths], fraction: float, seed: int) -> tuple[list[CasePaths], list[CasePaths]]:
+    """Split into (training, validation) with ``round(fraction * n)`` validation cases (at least one when
+    ``fraction > 0`` and there are two or more cases), reproducibly for ``seed``."""
+    if fraction <= 0 or len(cases) < 2:
+        return list(cases), []
+    count = min(len(cases) - 1, max(1, round(fraction * len(cases))))
+    order = np.random.default_rng(seed).permutation(len(cases))
+    validation = sorted(order[:count])
+    return [c for i, c in enumerate(cases) if i not in set(validation)], [cases[i] for i in validation]
+
+
+class PatchSampler:
+    """Draws random training patches from prepared volumes.
+
+    With probability ``tumour_fraction`` a patch is centred near a tumour voxel (jittered by up to a quarter
+    patch, so the patch holds tumour together with the mediastinum or chest wall around it); otherwise it is
+    centred on the body in a random slice.
+
+    Args:
+        volumes: prepared volumes (with labels for supervised sampling).
+        patch_size: side of the square patches in pixels.
+        tumour_fraction: share of patches centred near tumour.
+        augment: augmentation settings, or None for none.
+        rng: the random generator (its state is part of a run's checkpoint).
+    """
+
+    def __init__(
+        self,
+        volumes: list[PreparedVolume],
+        patch_size: int,
+        tumour_fraction: float,
+        augment: AugmentConfig | None,
+        rng: np.random.Generator,
+    ) -> None:
+        if not volumes:
+            raise TrainingError("no training volumes")
+        self.volumes = volumes
+        self.patch_size = patch_size
+        self.tumour_fraction = tumour_fraction
+        self.augment = augment
+        self.rng = rng
+        self._with_tumour = [v for v in volumes if len(v.tumour_slices)]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One ``(1, P, P)`` float32 image patch and its ``(P, P)`` int64 label patch."""
+        rng = self.rng
+        if self._with_tumour and rng.random() < self.tumour_fraction:
+            volume = self._with_tumour[rng.integers(len(self._with_tumour))]
+            z = int(volume.tumour_slices[rng.integers(len(volume.tumour_slices))])
+            rows, cols = np.nonzero(volume.label[z])
+            pick = rng.integers(len(rows))
+            jitter = rng.integers(-self.patch_size // 4, self.patch_size // 4 + 1, size=2)
+            centre = (int(rows[pick] + jitter[0]), int(cols[pick] + jitter[1]))
+        else:
+            volume = self.volumes[rng.integers(len(self.volumes))]
+            z = int(rng.integers(len(volume.image)))
+            centre = self._body_centre(volume.image[z])
+        image = crop_centered(volume.image[z].astype(np.float32), centre, self.patch_size, BACKGROUND)
+        if volume.label is not None:
+            label = crop_centered(volume.label[z], centre, self.patch_size, 0)
+        else:
+            label = np.zeros(image.shape, dtype=np.uint8)
+        if self.augment is not None:
+            image, label = augment_pair(image, label, rng, self.augment)
+        return image[None].astype(np.float32), label.astype(np.int64)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` patches as tensors ``(size, 1, P, P)`` float32 and ``(size, P, P)`` int64."""
+        images, labels = zip(*(self.sample() for _ in range(size)))
+        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
+
+    def _body_centre(self, image: np.ndarray) -> tuple[int, int]:
+        """A random point near the centre of the body in one slice (anything denser than lung)."""
+        body = image > BACKGROUND + 0.5
+        rows, cols = np.nonzero(body)
+        if len(rows) == 0:
+            return image.shape[0] // 2, image.shape[1] // 2
+        jitter = self.rng.integers(-self.patch_size // 4, self.patch_size // 4 + 1, size=2)
+        return int(rows.mean() + jitter[0]), int(cols.mean() + jitter[1])

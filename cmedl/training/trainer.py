@@ -1,0 +1,335 @@
+"""The training loop shared by every method: data, validation, early stopping, checkpoints, resume.
+
+One :class:`Trainer` runs one run folder. Each epoch it takes ``iterations_per_epoch`` steps of the
+method's objective on random patches, validates the student on held-out CT (3D Dice over the tumour's
+slices), appends the epoch to ``metrics.jsonl``, rewrites ``status.json``, writes a checkpoint atomically
+and, when validation Dice improved, exports the student as ``model.safetensors``.
+
+A stop request (SIGTERM or SIGINT, or :meth:`Trainer.request_stop`) is honoured between iterations: the
+run saves its state as of the last finished epoch, marks itself ``stopped`` and can be resumed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cmedl.training.augment import AugmentConfig
+
+from cmedl import __version__
+from cmedl.devices import autocast_dtype, resolve_device
+from cmedl.errors import CancelledError, CMEDLError, TrainingError
+from cmedl.metrics import dice
+from cmedl.modelfile import ModelCard, save_model
+from cmedl.patches import predict_slices
+from cmedl.progress import Progress
+from cmedl.training.config import TrainConfig
+from cmedl.training.data import PatchSampler, PreparedVolume, find_cases, prepare_volume, split_cases
+from cmedl.training.objectives import Objective, build_objective
+from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
+from cmedl.volumes import normalise_hu
+
+VALIDATION_SLICE_MARGIN = 2
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Trainer:
+    """Runs (or resumes) one training run.
+
+    Args:
+        config: the run's configuration; ``config.out`` is the run folder.
+        progress: receives epoch/iteration progress; its cancel event stops the run like a signal.
+        resume: continue the run in ``config.out`` from its last checkpoint.
+    """
+
+    def __init__(self, config: TrainConfig, progress: Progress | None = None, resume: bool = False) -> None:
+        self.config = config.validate()
+        self.progress = progress or Progress()
+        self.resume = resume
+        self.run = RunFolder(config.out)
+        self.device = resolve_device(config.device)
+        self.amp_dtype = autocast_dtype(self.device, config.amp)
+        self._stop = threading.Event()
+        self.status: dict[str, Any] = {}
+
+    @classmethod
+    def resume_run(cls, run_path: str | Path, progress: Progress | None = None, **overrides: Any) -> Trainer:
+        """A trainer for the run in ``run_path`` with its saved configuration (``overrides`` such as
+        ``epochs`` or ``device`` may change it)."""
+        run = RunFolder(run_path)
+        data = run.read_json("config.json")
+        data.update({key: value for key, value in overrides.items() if value is not None})
+        data["out"] = str(run_path)
+        return cls(TrainConfig.from_dict(data), progress=progress, resume=True)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _should_stop(self) -> bool:
+        cancel = self.progress.cancel
+        return self._stop.is_set() or (cancel is not None and cancel.is_set())
+
+    # -- set-up ---------------------------------------------------------------------------------------
+
+    def _prepare_data(self) -> tuple[list[PreparedVolume], list[PreparedVolume], dict[str, Any]]:
+        config = self.config
+        cases = find_cases(config.ct, require_labels=True)
+        if config.validation:
+            training_cases, validation_cases = cases, find_cases(config.validation, require_labels=True)
+        else:
+            training_cases, validation_cases = split_cases(cases, config.validation_fraction, config.seed)
+        validation_cases = validation_cases[: config.validation_max_cases]
+
+        def normalise(values: np.ndarray) -> np.ndarray:
+            return normalise_hu(values, config.hu_window)
+
+        total = len(training_cases) + len(validation_cases)
+        prepared: list[PreparedVolume] = []
+        for index, case in enumerate(training_cases + validation_cases):
+            self.progress.update("data", index, total, "cases")
+            prepared.append(prepare_volume(case, config.spacing_mm, normalise))
+        self.progress.update("data", total, total, "cases")
+        training = prepared[: len(training_cases)]
+        validation = prepared[len(training_cases) :]
+        if not any(len(v.tumour_slices) for v in training):
+            raise TrainingError(f"none of the {len(training)} training CT labels in {config.ct} contains a tumour")
+        data_lists = {
+            "ct_training": [str(case.image) for case in training_cases],
+            "ct_validation": [str(case.image) for case in validation_cases],
+        }
+        return training, validation, data_lists
+
+    def _write_run_files(self, data_lists: dict[str, Any]) -> None:
+        self.run.write_json("config.json", self.config.to_dict())
+        self.run.write_json("data.json", data_lists)
+        self.run.write_json(
+            "run.json",
+            {
+                "engine_version": __version__,
+                "torch_version": torch.__version__,
+                "python": platform.python_version(),
+                "host": platform.node(),
+                "seed": self.config.seed,
+                "device": str(self.device),
+                "amp": str(self.amp_dtype) if self.amp_dtype else "off",
+                "started": _now(),
+            },
+        )
+
+    # -- the run --------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Run until the last epoch, early stopping or a stop request; returns the final status."""
+        if not self.resume:
+            self.run.create()
+        previous_handlers = self._install_signal_handlers()
+        try:
+            self.status = {"state": RUNNING, "pid": os.getpid(), "message": "preparing data", "updated": _now()}
+            if not self.resume:
+                self.run.write_status(self.status)
+            training, validation, data_lists = self._prepare_data()
+            if not self.resume:
+                self._write_run_files(data_lists)
+            return self._loop(training, validation)
+        except CancelledError:
+            return self._finish(STOPPED, "stopped by the user")
+        except CMEDLError as error:
+            self._finish(FAILED, str(error))
+            raise
+        except Exception as error:
+            self._finish(FAILED, f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+
+    def _loop(self, training: list[PreparedVolume], validation: list[PreparedVolume]) -> dict[str, Any]:
+        config = self.config
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        objective = build_objective(config, self.device, self.amp_dtype)
+        augment = AugmentConfig() if config.augment else None
+        samplers = {"ct": PatchSampler(training, config.patch_size, config.tumour_patch_fraction, augment, rng)}
+        first_epoch, best_dice, best_epoch, stale_epochs = 1, -math.inf, 0, 0
+        if self.resume:
+            state = self.run.load_checkpoint()
+            objective.load_state_dict(state["objective"])
+            rng.bit_generator.state = state["numpy_rng"]
+            torch.set_rng_state(state["torch_rng"])
+            first_epoch = int(state["epoch"]) + 1
+            best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
+            stale_epochs = int(state["stale"])
+            self.run.truncate_metrics(int(state["epoch"]))
+            self.progress.log(f"resuming {self.run.path} after epoch {state['epoch']}")
+
+        started = time.monotonic()
+        epochs_this_session = 0
+        for epoch in range(first_epoch, config.epochs + 1):
+            epoch_started = time.monotonic()
+            losses = self._train_epoch(objective, samplers, epoch)
+            if losses is None:
+                return self._finish(STOPPED, f"stopped during epoch {epoch}; resume continues after epoch {epoch - 1}")
+            validation_dice = self._validate(objective.student, validation) if validation else float("nan")
+            # Without validation cases the latest student is the best we know.
+            score = validation_dice if validation else float(epoch)
+            improved = score > best_dice
+            if improved:
+                best_dice, best_epoch, stale_epochs = score, epoch, 0
+            else:
+                stale_epochs += 1
+            record = {
+                "epoch": epoch,
+                **{f"loss_{name}": value for name, value in losses.items()},
+                "validation_dice": validation_dice,
+                "seconds": round(time.monotonic() - epoch_started, 3),
+                "time": _now(),
+            }
+            self.run.append_metrics(record)
+            if improved:
+                self._export(objective.student, epoch, validation_dice, len(training), len(validation))
+            self.run.save_checkpoint(
+                {
+                    "epoch": epoch,
+                    "objective": objective.state_dict(),
+                    "numpy_rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "best_dice": best_dice,
+                    "best_epoch": best_epoch,
+                    "stale": stale_epochs,
+                }
+            )
+            epochs_this_session += 1
+            per_epoch = (time.monotonic() - started) / epochs_this_session
+            self.status = {
+                "state": RUNNING,
+                "pid": os.getpid(),
+                "epoch": epoch,
+                "epochs": config.epochs,
+                "iteration": config.iterations_per_epoch,
+                "iterations_per_epoch": config.iterations_per_epoch,
+                "last_losses": losses,
+                "validation_dice": None if math.isnan(validation_dice) else validation_dice,
+                "best_validation_dice": best_dice if validation else None,
+                "best_epoch": best_epoch,
+                "eta_seconds": round(per_epoch * (config.epochs - epoch), 1),
+                "message": f"epoch {epoch}/{config.epochs}",
+                "updated": _now(),
+            }
+            self.run.write_status(self.status)
+            self.progress.update("epoch", epoch, config.epochs, "epochs")
+            if validation and stale_epochs >= config.early_stopping_patience:
+                return self._finish(FINISHED, f"early stopping after epoch {epoch}: best epoch {best_epoch}")
+        return self._finish(FINISHED, f"finished {config.epochs} epochs; best epoch {best_epoch}")
+
+    def _train_epoch(self, objective: Objective, samplers: dict[str, PatchSampler], epoch: int) -> dict | None:
+        """Average loss terms over one epoch, or None when a stop was requested."""
+        config = self.config
+        objective.train()
+        sums: dict[str, float] = {}
+        for iteration in range(1, config.iterations_per_epoch + 1):
+            if self._should_stop():
+                return None
+            batch = {domain: samplers[domain].batch(config.batch_size) for domain in objective.domains}
+            losses = objective.step(batch)
+            bad = [name for name, value in losses.items() if not math.isfinite(value)]
+            if bad:
+                raise TrainingError(
+                    f"loss {', '.join(bad)} became non-finite at epoch {epoch}, iteration {iteration}; "
+                    f"the last good checkpoint is kept (try a lower learning rate or amp off)"
+                )
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value
+            self.progress.update("iteration", iteration, config.iterations_per_epoch, f"epoch {epoch}")
+        return {name: total / config.iterations_per_epoch for name, total in sums.items()}
+
+    def _validate(self, network: torch.nn.Module, volumes: list[PreparedVolume]) -> float:
+        """Mean 3D Dice over validation cases, on the tumour's slices (plus a margin) of each case."""
+        network.eval()
+        scores = []
+        for volume in volumes:
+            if len(volume.tumour_slices):
+                low = max(0, int(volume.tumour_slices.min()) - VALIDATION_SLICE_MARGIN)
+                high = min(len(volume.image), int(volume.tumour_slices.max()) + VALIDATION_SLICE_MARGIN + 1)
+            else:
+                middle = len(volume.image) // 2
+                low, high = max(0, middle - 2), min(len(volume.image), middle + 3)
+            slices = ((z, volume.image[z].astype(np.float32)) for z in range(low, high))
+            predicted = np.zeros((high - low,) + volume.image.shape[1:], dtype=bool)
+            for z, probabilities in predict_slices(
+                network,
+                slices,
+                num_classes=2,
+                patch=self.config.patch_size,
+                overlap=self.config.validation_overlap,
+                batch_size=max(1, self.config.batch_size),
+                device=self.device,
+            ):
+                predicted[z - low] = probabilities[1] >= 0.5
+            score = dice(predicted, volume.label[low:high] > 0)
+            if not math.isnan(score):
+                scores.append(score)
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def _export(self, network: torch.nn.Module, epoch: int, validation_dice: float, n_train: int, n_val: int) -> None:
+        config = self.config
+        options = dict(getattr(network, "config", {}).get("options", config.segmentor_options) or {})
+        card = ModelCard(
+            name=config.name or f"{config.method}-{config.segmentor}-{Path(config.out).name}",
+            architecture=config.segmentor,
+            architecture_options=options,
+            method=config.method,
+            hu_window=tuple(config.hu_window),
+            spacing_mm=tuple(config.spacing_mm),
+            patch_size=config.patch_size,
+            training_data={
+                "ct_folder": str(config.ct),
+                "ct_training_cases": n_train,
+                "ct_validation_cases": n_val,
+            },
+            training={
+                "epoch": epoch,
+                "epochs": config.epochs,
+                "iterations_per_epoch": config.iterations_per_epoch,
+                "batch_size": config.batch_size,
+                "lr_segmentor": config.lr_segmentor,
+                "seed": config.seed,
+                "augment": config.augment,
+            },
+            metrics={"validation_dice": None if math.isnan(validation_dice) else round(validation_dice, 4)},
+            license=config.license,
+        )
+        save_model(self.run.model_path, network, card)
+
+    def _finish(self, state: str, message: str) -> dict[str, Any]:
+        self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
+        if self.run.path.exists():
+            self.run.write_status(self.status)
+        self.progress.log(message)
+        return self.status
+
+    # -- signals --------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, lambda *_: self._stop.set())
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
