@@ -80,7 +80,8 @@ def run_benchmarks(
         model_path = folder / "unet.safetensors"
         save_model(model_path, build_segmentor("unet"), ModelCard(name="bench-unet", architecture="unet"))
         size = case.image.GetSize()
-        print(f"\nwhole CT {size[0]}x{size[1]}x{size[2]}, spacing {tuple(round(s, 2) for s in case.image.GetSpacing())}")
+        spacing = tuple(round(s, 2) for s in case.image.GetSpacing())
+        print(f"\nwhole CT {size[0]}x{size[1]}x{size[2]}, spacing {spacing} mm")
         read_only = [sys.executable, "-c", f"from cmedl.volumes import read_volume; read_volume({str(ct_path)!r})"]
         wall, peak = _child_peak(read_only)
         print(f"  baseline (read the CT only): {wall:7.1f} s, peak RSS {peak:7.0f} MiB")
