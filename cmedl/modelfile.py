@@ -152,7 +152,15 @@ def read_model_card(path: str | Path) -> ModelCard:
         data = json.loads(metadata[CARD_KEY])
     except json.JSONDecodeError:
         raise ModelFileError(f"{path.name} has a damaged model card") from None
-    return ModelCard.from_dict(data)
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path.name} has a damaged model card (not a JSON object)")
+    try:
+        return ModelCard.from_dict(data)
+    except ModelFileError as error:
+        raise ModelFileError(f"{path.name}: {error}") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        # A card with fields of the wrong shape (a label without a name, a window that is not two numbers).
+        raise ModelFileError(f"{path.name} has a damaged model card ({_first_line(error)})") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -161,11 +169,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     path = _existing(path)
     card = read_model_card(path)
+    if not isinstance(card.architecture_options, dict):
+        raise ModelFileError(f"{path.name} has a damaged model card (architecture_options is not a JSON object)")
     try:
         network = build_segmentor(
             card.architecture, in_channels=card.in_channels, num_classes=card.num_classes, **card.architecture_options
         )
-    except ConfigError as error:
+    except (ConfigError, TypeError, ValueError) as error:
         raise ModelFileError(
             f"{path.name}: the model card names an architecture this engine cannot build: {error}"
         ) from None
@@ -177,9 +187,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
         raise ModelFileError(
-            f"{path.name}: the weights do not match architecture {card.architecture!r} ({first})"
+            f"{path.name}: the weights do not match architecture {card.architecture!r} "
+            f"{card.architecture_options} ({_state_dict_problem(error)})"
         ) from None
     network.eval().to(device)
     return LoadedModel(network=network, card=card, path=path, sha256=file_sha256(path))
@@ -204,6 +214,23 @@ def describe_model(path: str | Path) -> dict[str, Any]:
         "parameters": parameters,
         "model_card": card.to_dict(),
     }
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _state_dict_problem(error: RuntimeError) -> str:
+    """The first concrete mismatch of a failed ``load_state_dict``.
+
+    torch's message starts with a generic line ("Error(s) in loading state_dict for UNet:"); the next line
+    names the offending tensor and shapes, which is what tells a user the card and weights disagree.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[1]
+    return lines[0] if lines else type(error).__name__
 
 
 def _numel(shape: list[int]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,7 +74,8 @@ def list_volumes(folder: str | Path) -> list[Path]:
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and suffix_of(entry) in VOLUME_SUFFIXES:
+        # .seg.nrrd counts: label folders exported from Slicer hold segmentations under that suffix.
+        if entry.is_file() and suffix_of(entry) in VOLUME_SUFFIXES + (".seg.nrrd",):
             found.append(entry)
         elif entry.is_dir() and _dicom_series_ids(entry):
             found.append(entry)
@@ -112,10 +114,16 @@ def read_volume(path: str | Path) -> sitk.Image:
 
 
 def _dicom_series_ids(folder: Path) -> list[str]:
+    # GDCM prints a multi-line warning on stderr for every folder without DICOM files; an empty answer
+    # already says so, and the noise would break the one-line error contract of the command line.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
     except RuntimeError:
         return []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -149,11 +157,35 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-5) -> bool
     )
 
 
+def normalise_hu(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip HU values to ``window`` (low, high) and scale them linearly to [-1, 1] as float32."""
+    low, high = window
+    clipped = np.clip(values.astype(np.float32), low, high)
+    return (clipped - low) * (2.0 / (high - low)) - 1.0
+
+
 def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A new image holding ``array`` (numpy order z, y, x) on ``reference``'s grid."""
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)
     return image
+
+
+def _output_folder(path: Path) -> Path:
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create output folder {folder}: {error.strerror}") from None
+    return folder
+
+
+def _default_file_mode() -> int:
+    # Temporary files are created private (0600); the finished file gets the mode a plain open() would give.
+    # os.umask can only be read by setting it, so it is restored at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -163,17 +195,17 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     The temporary name keeps the real suffix so that writers choose the right format.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create output folder {folder}: {error.strerror}") from None
+    folder = _output_folder(path)
     suffix = suffix_of(path) or path.suffix
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=folder)
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=folder)
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     os.close(handle)
     temp = Path(temp_name)
     try:
         yield temp
+        os.chmod(temp, _default_file_mode())
         os.replace(temp, path)
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
@@ -183,11 +215,46 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+# Formats whose header names a second file holding the voxels.
+_DETACHED_SUFFIXES = (".mhd", ".nhdr")
+
+
+def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
+    """Write a header + voxel-file pair atomically.
+
+    The header records the voxel file's name, so both are written under their final names in a hidden
+    temporary folder next to ``path``; the voxel file is moved out first and the header last, so a header
+    that exists always names a complete voxel file.
+    """
+    folder = _output_folder(path)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=folder))
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+    try:
+        staged_header = staging / path.name
+        sitk.WriteImage(image, str(staged_header), compress)
+        for entry in staging.iterdir():
+            if entry != staged_header:
+                os.replace(entry, folder / entry.name)
+        os.replace(staged_header, path)
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+    except RuntimeError as error:
+        raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_volume(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
     """Write ``image`` to ``path`` (format from the suffix) atomically; returns ``path``."""
     path = Path(path)
-    if suffix_of(path) not in VOLUME_SUFFIXES + (".seg.nrrd",):
-        raise OutputError(f"unsupported output format {path.name!r}; use one of {', '.join(LABELMAP_SUFFIXES)}")
+    writable = VOLUME_SUFFIXES + (".seg.nrrd",)
+    if suffix_of(path) not in writable:
+        raise OutputError(f"unsupported output format {path.name!r}; use one of {', '.join(writable)}")
+    if suffix_of(path) in _DETACHED_SUFFIXES:
+        _write_detached(image, path, compress)
+        return path
     with atomic_output(path) as temp:
         sitk.WriteImage(image, str(temp), compress)
     return path
@@ -232,9 +299,15 @@ def _with_segmentation_header(label: sitk.Image, segments: list[SegmentInfo]) ->
 
 def read_segments(path: str | Path) -> list[SegmentInfo]:
     """The segments described in a .seg.nrrd header (empty for a plain labelmap)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"input not found: {path}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    reader.ReadImageInformation()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"cannot read {path.name}: not a readable image ({_first_line(error)})") from None
     keys = set(reader.GetMetaDataKeys())
     segments = []
     index = 0
