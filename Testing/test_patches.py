@@ -12,7 +12,6 @@ from cmedl.patches import (
     crop_centered,
     predict_slices,
     resize_slices,
-    tile_grid,
     tile_starts,
 )
 

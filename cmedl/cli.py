@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CMEDL_DEBUG"):
             traceback.print_exc()
         first = str(error).splitlines()[0] if str(error) else ""
-        print(f"cmedl: error: unexpected {type(error).__name__}: {first} (CMEDL_DEBUG=1 shows details)", file=sys.stderr)
+        print(f"cmedl: error: unexpected {type(error).__name__}: {first} (CMEDL_DEBUG=1 for more)", file=sys.stderr)
         return 1
 
 

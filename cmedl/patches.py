@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def tile_starts(length: int, patch: int, overlap: float) -> list[int]:
@@ -192,3 +193,25 @@ def predict_slices(
                 batch = []
     if batch:
         yield from run(batch)
+
+
+def resize_slices(stack: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """Resize every slice of a ``(N, H, W)`` (or ``(N, C, H, W)``) stack to ``size`` = (rows, columns).
+
+    Pixel centres are mapped with ``align_corners=False`` semantics: the resized slice covers exactly the
+    same field of view, so resizing there and back puts every pixel where it was. ``mode`` is ``bilinear``
+    for images and probabilities, ``nearest`` for labels.
+    """
+    if tuple(stack.shape[-2:]) == tuple(size):
+        return stack
+    tensor = torch.from_numpy(np.ascontiguousarray(stack))
+    squeeze = tensor.dim() == 3
+    if squeeze:
+        tensor = tensor[:, None]
+    original_dtype = tensor.dtype
+    if mode == "nearest":
+        resized = F.interpolate(tensor.float(), size=tuple(size), mode="nearest-exact")
+    else:
+        resized = F.interpolate(tensor.float(), size=tuple(size), mode=mode, align_corners=False)
+    resized = resized.to(original_dtype)
+    return (resized[:, 0] if squeeze else resized).numpy()
