@@ -340,23 +340,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args, progress)
     except CMEDLError as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        progress.error(message, error.exit_code)
-        if not isinstance(progress, JsonLinesProgress) or sys.stderr is not sys.stdout:
-            print(f"cmedl: error: {message}", file=sys.stderr)
-        return error.exit_code
+        return _report(progress, str(error) or type(error).__name__, error.exit_code)
     except KeyboardInterrupt:
-        print("cmedl: error: interrupted", file=sys.stderr)
-        return 130
+        return _report(progress, "interrupted", 130)
     except MemoryError:
-        print("cmedl: error: out of memory; try a smaller --batch-size or another device", file=sys.stderr)
-        return 1
+        return _report(progress, "out of memory; try a smaller --batch-size or another device", 1)
     except Exception as error:  # a bug, not a user error: one line, the traceback only on request
         if os.environ.get("CMEDL_DEBUG"):
             traceback.print_exc()
+        if type(error).__name__ == "OutOfMemoryError":
+            return _report(progress, "the GPU ran out of memory; try a smaller --batch-size or --device cpu", 1)
         first = str(error).splitlines()[0] if str(error) else ""
-        print(f"cmedl: error: unexpected {type(error).__name__}: {first} (CMEDL_DEBUG=1 for more)", file=sys.stderr)
-        return 1
+        return _report(progress, f"unexpected {type(error).__name__}: {first} (CMEDL_DEBUG=1 for more)", 1)
+
+
+def _report(progress: Progress, message: str, exit_code: int) -> int:
+    """Print the one-line error on stderr (and as a JSON event for a parent process); return the exit code."""
+    message = message.splitlines()[0]
+    if isinstance(progress, JsonLinesProgress):
+        progress.error(message, exit_code)
+    print(f"cmedl: error: {message}", file=sys.stderr)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class TextProgress(Progress):
         kind = event["event"]
         if kind == EVENT_PROGRESS:
             self._draw(event)
-        elif kind in (EVENT_LOG, EVENT_ERROR):
+        elif kind == EVENT_LOG:
             self._end_line()
             self.stream.write(event["message"] + "\n")
             self.stream.flush()

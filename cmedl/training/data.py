@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from cmedl.training.augment import AugmentConfig, augment_pair
 
 from cmedl.errors import InputError, TrainingError
 from cmedl.patches import crop_centered, resize_slices
+from cmedl.training.augment import AugmentConfig, augment_pair
 from cmedl.volumes import list_volumes, read_volume, same_geometry, stem_of
 
 CANONICAL_ORIENTATION = "LPS"

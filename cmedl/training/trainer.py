@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from cmedl.training.augment import AugmentConfig
 
 from cmedl import __version__
 from cmedl.devices import autocast_dtype, resolve_device
@@ -32,6 +31,7 @@ from cmedl.metrics import dice
 from cmedl.modelfile import ModelCard, save_model
 from cmedl.patches import predict_slices
 from cmedl.progress import Progress
+from cmedl.training.augment import AugmentConfig
 from cmedl.training.config import TrainConfig
 from cmedl.training.data import PatchSampler, PreparedVolume, find_cases, prepare_volume, split_cases
 from cmedl.training.objectives import Objective, build_objective
@@ -171,7 +171,7 @@ class Trainer:
             best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
             stale_epochs = int(state["stale"])
             self.run.truncate_metrics(int(state["epoch"]))
-            self.progress.log(f"resuming {self.run.path} after epoch {state['epoch']}")
+            self._log(f"resuming {self.run.path} after epoch {state['epoch']}")
 
         started = time.monotonic()
         epochs_this_session = 0
@@ -228,6 +228,8 @@ class Trainer:
             }
             self.run.write_status(self.status)
             self.progress.update("epoch", epoch, config.epochs, "epochs")
+            terms = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
+            self._log(f"epoch {epoch}: {terms}, validation Dice {validation_dice:.4f}")
             if validation and stale_epochs >= config.early_stopping_patience:
                 return self._finish(FINISHED, f"early stopping after epoch {epoch}: best epoch {best_epoch}")
         return self._finish(FINISHED, f"finished {config.epochs} epochs; best epoch {best_epoch}")
@@ -315,8 +317,15 @@ class Trainer:
         self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
         if self.run.path.exists():
             self.run.write_status(self.status)
-        self.progress.log(message)
+        self._log(message)
         return self.status
+
+    def _log(self, message: str) -> None:
+        """Tell the listener and keep the line in the run's ``train.log``."""
+        self.progress.log(message)
+        if self.run.path.exists():
+            with open(self.run.log_path, "a", encoding="utf-8") as handle:
+                handle.write(f"{_now()} {message}\n")
 
     # -- signals --------------------------------------------------------------------------------------
 
