@@ -317,12 +317,14 @@ class Trainer:
         self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
         if self.run.path.exists():
             self.run.write_status(self.status)
-        self._log(message)
+        # A failure reaches the user once, as the error the caller reports; the log keeps it too.
+        self._log(message, tell=state != FAILED)
         return self.status
 
-    def _log(self, message: str) -> None:
+    def _log(self, message: str, tell: bool = True) -> None:
         """Tell the listener and keep the line in the run's ``train.log``."""
-        self.progress.log(message)
+        if tell:
+            self.progress.log(message)
         if self.run.path.exists():
             with open(self.run.log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"{_now()} {message}\n")

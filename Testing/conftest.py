@@ -1,0 +1,40 @@
+"""Shared fixtures: paths to the real data beside the checkout, small phantom datasets, tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+
+def shared_data(relative: str) -> Path:
+    """Path of a file in ../shared/data; skips the test with a reason when it is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real test data not available: {path}")
+    return path
+
+
+def run_cmedl(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m cmedl ARGS`` as a real child process of this interpreter."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "cmedl", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
+
+
+@pytest.fixture(scope="session")
+def small_phantoms(tmp_path_factory) -> Path:
+    """A dataset of 4 CT phantoms (128x128 in-plane) with images/ and labels/, written once per session."""
+    from cmedl.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(out, n_ct=4, n_mr=0, seed=11, size=128)
+    return out
