@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cmedl import __version__
-from cmedl.errors import CMEDLError, InputError
+from cmedl.errors import CMEDLError, InputError, NotCTError
 from cmedl.progress import JsonLinesProgress, Progress, TextProgress
 
 Handler = Callable[[argparse.Namespace, Progress], int]
@@ -68,6 +68,8 @@ def _run_segment(args: argparse.Namespace, progress: Progress) -> int:
     from cmedl.catalogue import resolve_model
     from cmedl.segment import SegmentOptions, segment_file
 
+    if not Path(args.input).exists():
+        raise InputError(f"input not found: {args.input}")
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     if not 0.0 < args.threshold < 1.0:
@@ -80,7 +82,10 @@ def _run_segment(args: argparse.Namespace, progress: Progress) -> int:
         device=args.device,
         force=args.force,
     )
-    summary = segment_file(args.input, args.output, resolve_model(args.model), options, progress)
+    try:
+        summary = segment_file(args.input, args.output, resolve_model(args.model), options, progress)
+    except NotCTError as error:
+        raise NotCTError(f"{error} (--force segments it anyway)") from None
     progress.done(summary)
     if args.json:
         _print_json(summary)

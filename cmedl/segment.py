@@ -26,13 +26,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from cmedl.devices import autocast_context, autocast_dtype, resolve_device
-from cmedl.errors import InputError
+from cmedl.errors import InputError, OutputError
 from cmedl.lungs import LungDetection, detect_lungs
 from cmedl.modality import check_looks_like_ct
 from cmedl.modelfile import LoadedModel, load_model
 from cmedl.patches import predict_slices, resize_slices
 from cmedl.progress import Progress
-from cmedl.volumes import normalise_hu, read_volume, write_labelmap
+from cmedl.volumes import LABELMAP_SUFFIXES, normalise_hu, read_volume, suffix_of, write_labelmap
 
 CANONICAL_ORIENTATION = "LPS"
 
@@ -108,7 +108,7 @@ class Segmenter:
         if not options.force:
             check_looks_like_ct(ct, name)
         self.progress.update("lungs", 0, 1, "detecting lungs")
-        lungs = detect_lungs(ct, threshold_hu=options.lung_threshold_hu, margin_mm=options.roi_margin_mm)
+        lungs = detect_lungs(ct, threshold_hu=options.lung_threshold_hu, margin_mm=options.roi_margin_mm, name=name)
         self.progress.update("lungs", 1, 1, "detecting lungs")
 
         oriented_ct = sitk.DICOMOrient(ct, CANONICAL_ORIENTATION)
@@ -198,6 +198,8 @@ def segment_file(
     output_path = Path(output_path)
     if Path(input_path).resolve() == output_path.resolve():
         raise InputError("the output path is the input path; the input is never overwritten")
+    if suffix_of(output_path) not in LABELMAP_SUFFIXES:
+        raise OutputError(f"unsupported output format {output_path.name!r}; use one of {', '.join(LABELMAP_SUFFIXES)}")
     progress.update("read", 0, 1, "reading")
     ct = read_volume(input_path)
     progress.update("read", 1, 1, "reading")
