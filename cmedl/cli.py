@@ -70,6 +70,8 @@ def _run_segment(args: argparse.Namespace, progress: Progress) -> int:
 
     if not Path(args.input).exists():
         raise InputError(f"input not found: {args.input}")
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise InputError("the output path is the input path; the input is never overwritten")
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     if not 0.0 < args.threshold < 1.0:
