@@ -164,6 +164,19 @@ def normalise_hu(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return (clipped - low) * (2.0 / (high - low)) - 1.0
 
 
+def normalise_mr(values: np.ndarray, percentile: float = 99.5) -> np.ndarray:
+    """Scale MR intensities (arbitrary units) to [-1, 1]: 0 maps to -1, the volume's ``percentile`` to 1.
+
+    A percentile rather than the maximum keeps a few bright voxels (vessels, artefacts) from compressing
+    the tissue contrast.
+    """
+    values = values.astype(np.float32)
+    high = float(np.percentile(values, percentile))
+    if high <= 0:
+        return np.full(values.shape, -1.0, dtype=np.float32)
+    return np.clip(values / high, 0.0, 1.0) * 2.0 - 1.0
+
+
 def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A new image holding ``array`` (numpy order z, y, x) on ``reference``'s grid."""
     image = sitk.GetImageFromArray(array)

@@ -24,6 +24,19 @@ class TrainConfig:
 
     Data: ``ct`` (and ``mr`` for CMEDL) are folders holding ``images/`` and ``labels/`` with matching file names.
     Geometry: slices are resampled in-plane to ``spacing_mm`` (x, y) and cut into ``patch_size`` square patches.
+
+    CMEDL values the paper leaves open, with the defaults chosen here:
+
+    - ``hint_reduction``: ``mean`` (mean squared difference per feature element, summed over the two hint
+      layers) rather than the literal squared Frobenius norm (``sum``) of eq. 2; with lambda_hint = 1 the sum
+      over a 64x256x256 feature map outweighs the Dice terms by orders of magnitude.
+    - ``hint_to_teacher``, ``hint_to_generator``, ``seg_pm_to_generator``: True, following the paper's update
+      rules (the generators minimise lambda_hint*L_hint + lambda_seg*L_seg; the segmentors L_hint + L_seg).
+    - ``lambda_identity``: 0 (the paper lists no identity term).
+    - learning rates constant for the first ``1 - lr_decay_fraction`` of the epochs, then linear decay to 0
+      (the CycleGAN schedule).
+    - ``cx_max_positions``: the contextual loss compares at most this many randomly sampled feature positions.
+    - MRI intensities are scaled to [-1, 1] between 0 and the ``mr_percentile`` percentile of each volume.
     """
 
     method: str = "ct_only"
@@ -48,6 +61,31 @@ class TrainConfig:
     early_stopping_patience: int = 10
     validation_max_cases: int = 8
     validation_overlap: float = 0.25
+    # CMEDL (method "cmedl"): translator, teacher and hint distillation. Defaults are the paper's (section III.A.3).
+    translator: str = "cyclegan"
+    translator_options: dict[str, Any] = field(default_factory=dict)
+    lr_translator: float = 1e-4
+    gan_mode: str = "lsgan"
+    pool_size: int = 50
+    lambda_adv: float = 1.0
+    lambda_cyc: float = 10.0
+    lambda_cx: float = 1.0
+    lambda_hint: float = 1.0
+    lambda_seg: float = 5.0
+    lambda_identity: float = 0.0
+    use_cx: bool = True
+    use_cycle: bool = True
+    use_seg_rm: bool = True
+    use_seg_pm: bool = True
+    hint_reduction: str = "mean"
+    hint_to_teacher: bool = True
+    hint_to_generator: bool = True
+    seg_pm_to_generator: bool = True
+    lr_decay_fraction: float = 0.5
+    vgg_weights: str = ""
+    cx_band_width: float = 0.5
+    cx_max_positions: int = 1024
+    mr_percentile: float = 99.5
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -125,6 +163,14 @@ class TrainConfig:
             raise ConfigError(f"spacing_mm must be positive, got {self.spacing_mm}")
         if self.hu_window[0] >= self.hu_window[1]:
             raise ConfigError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if self.hint_reduction not in ("mean", "sum"):
+            raise ConfigError(f"hint_reduction must be mean or sum, got {self.hint_reduction!r}")
+        if self.gan_mode not in ("lsgan", "vanilla"):
+            raise ConfigError(f"gan_mode must be lsgan or vanilla, got {self.gan_mode!r}")
+        if not 0.0 <= self.lr_decay_fraction <= 1.0:
+            raise ConfigError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
+        if self.method == "cmedl" and not (self.use_seg_rm or self.use_seg_pm or self.lambda_hint > 0):
+            raise ConfigError("method cmedl with no teacher loss (use_seg_rm, use_seg_pm and lambda_hint all off)")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         return self

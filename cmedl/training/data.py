@@ -138,8 +138,9 @@ class PatchSampler:
         self.rng = rng
         self._with_tumour = [v for v in volumes if len(v.tumour_slices)]
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """One ``(1, P, P)`` float32 image patch and its ``(P, P)`` int64 label patch."""
+    def sample(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """One ``(1, P, P)`` float32 image patch, its ``(P, P)`` int64 label patch, and whether the case has a
+        label (an unlabelled case gives an all-background label that must not be trained on)."""
         rng = self.rng
         if self._with_tumour and rng.random() < self.tumour_fraction:
             volume = self._with_tumour[rng.integers(len(self._with_tumour))]
@@ -159,12 +160,13 @@ class PatchSampler:
             label = np.zeros(image.shape, dtype=np.uint8)
         if self.augment is not None:
             image, label = augment_pair(image, label, rng, self.augment)
-        return image[None].astype(np.float32), label.astype(np.int64)
+        return image[None].astype(np.float32), label.astype(np.int64), volume.label is not None
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` patches as tensors ``(size, 1, P, P)`` float32 and ``(size, P, P)`` int64."""
-        images, labels = zip(*(self.sample() for _ in range(size)))
-        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``size`` patches: images ``(size, 1, P, P)`` float32, labels ``(size, P, P)`` int64 and a
+        ``(size,)`` bool tensor telling which samples come from labelled cases."""
+        images, labels, labelled = zip(*(self.sample() for _ in range(size)))
+        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)), torch.tensor(labelled)
 
     def _body_centre(self, image: np.ndarray) -> tuple[int, int]:
         """A random point near the centre of the body in one slice (anything denser than lung)."""

@@ -17,7 +17,7 @@ from cmedl.losses import soft_dice_loss
 from cmedl.nets import build_segmentor
 from cmedl.training.config import TrainConfig
 
-Batch = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Batch = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # images, labels, labelled
 
 
 class Objective:
@@ -32,6 +32,7 @@ class Objective:
         self.amp_dtype = amp_dtype
         self.networks: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -50,11 +51,44 @@ class Objective:
         """One optimisation step; returns every loss term as a float."""
         raise NotImplementedError
 
+    def end_epoch(self) -> None:
+        """Advance the learning-rate schedules by one epoch."""
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+
+    def add_linear_decay(self, name: str) -> None:
+        """Constant learning rate, then linear decay to zero over the last ``lr_decay_fraction`` of the epochs."""
+        epochs = self.config.epochs
+        decay_epochs = round(epochs * self.config.lr_decay_fraction)
+        constant_epochs = epochs - decay_epochs
+
+        def factor(epoch: int) -> float:
+            return 1.0 - max(0, epoch + 1 - constant_epochs) / (decay_epochs + 1)
+
+        self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], factor)
+
+    @torch.no_grad()
+    def previews(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named ``(B, H, W)`` pictures of what the networks make of CT patches ``(B, 1, H, W)``."""
+        self.student.eval()
+        with self.autocast():
+            probabilities = torch.softmax(self.student(images.to(self.device)).float(), dim=1)[:, 1]
+        self.student.train()
+        return {"CT": images[:, 0], "student": probabilities.cpu()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "networks": {name: net.state_dict() for name, net in self.networks.items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
             "scaler": self.scaler.state_dict(),
+            "extra": self.extra_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -62,8 +96,16 @@ class Objective:
             net.load_state_dict(state["networks"][name])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            if name in state.get("schedulers", {}):
+                scheduler.load_state_dict(state["schedulers"][name])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        self.load_extra_state(state.get("extra", {}))
+
+    def card_details(self) -> dict[str, Any]:
+        """What the exported student's model card says about how this method trained it."""
+        return {}
 
 
 def build_network(config: TrainConfig) -> torch.nn.Module:
@@ -84,7 +126,7 @@ class CTOnlyObjective(Objective):
         )
 
     def step(self, batch: Batch) -> dict[str, float]:
-        images, labels = (tensor.to(self.device, non_blocking=True) for tensor in batch["ct"])
+        images, labels = (tensor.to(self.device, non_blocking=True) for tensor in batch["ct"][:2])
         optimizer = self.optimizers["student"]
         optimizer.zero_grad(set_to_none=True)
         with self.autocast():
@@ -96,7 +138,225 @@ class CTOnlyObjective(Objective):
         return {"seg_ct": float(loss.detach())}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"ct_only": CTOnlyObjective}
+def hint_loss(student_hints: list[torch.Tensor], teacher_hints: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    """Eq. 2: squared differences between the student's and the teacher's last-two-layer features.
+
+    ``sum`` is the literal squared Frobenius norm per sample (averaged over the batch); ``mean`` divides each
+    layer's norm by its number of elements (the mean squared difference).
+    """
+    total = student_hints[0].new_zeros(())
+    for student, teacher in zip(student_hints, teacher_hints):
+        squared = (student.float() - teacher.float()).pow(2)
+        total = total + (squared.mean() if reduction == "mean" else squared.sum() / squared.shape[0])
+    return total
+
+
+def masked_dice(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor | None:
+    """Dice loss over the labelled samples only; None when no sample of the batch is labelled."""
+    if not bool(labelled.any()):
+        return None
+    return soft_dice_loss(logits[labelled].float(), labels[labelled])
+
+
+class CMEDLObjective(Objective):
+    """Cross-modality educed distillation (paper section III, eqs. 1-7).
+
+    Networks: the CycleGAN translator (generators CT->MR and MR->CT, discriminators for MR and CT), the MRI
+    teacher and the CT student (same architecture). Each step alternates three updates:
+
+    1. generators: lambda_adv*L_adv + lambda_cyc*L_cyc + lambda_cx*L_cx + lambda_hint*L_hint + lambda_seg*L_seg^pM
+       (the hint and pMRI segmentation terms reach the generator through the pseudo-MRI unless switched off);
+    2. discriminators: L_adv on real images against a pool of past fakes;
+    3. segmentors: L_hint + L_seg^CT + L_seg^pM + L_seg^rM (L_seg^rM only for labelled MRI samples), on the
+       pseudo-MRI of step 1, detached.
+
+    Batches hold one CT patch and one MRI patch per sample, drawn independently (unpaired).
+    """
+
+    name = "cmedl"
+    domains = ("ct", "mr")
+
+    def __init__(self, config: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+        from cmedl.contextual import ContextualLoss
+        from cmedl.nets.cyclegan import ImagePool, build_translator, gan_loss
+        from cmedl.nets.vgg import load_vgg16_features
+
+        super().__init__(config, device, amp_dtype)
+        self.translator = build_translator(config.translator, **config.translator_options).to(device)
+        self.networks["translator"] = self.translator
+        self.networks["teacher"] = build_network(config).to(device)
+        self.networks["student"] = build_network(config).to(device)
+        betas = config.betas
+        self.optimizers["generators"] = torch.optim.Adam(
+            self.translator.generators(), lr=config.lr_translator, betas=betas
+        )
+        self.optimizers["discriminators"] = torch.optim.Adam(
+            self.translator.discriminators(), lr=config.lr_translator, betas=betas
+        )
+        self.optimizers["teacher"] = torch.optim.Adam(
+            self.networks["teacher"].parameters(), lr=config.lr_segmentor, betas=betas, weight_decay=config.weight_decay
+        )
+        self.optimizers["student"] = torch.optim.Adam(
+            self.student.parameters(), lr=config.lr_segmentor, betas=betas, weight_decay=config.weight_decay
+        )
+        for name in self.optimizers:
+            self.add_linear_decay(name)
+        self.gan_loss = gan_loss(config.gan_mode)
+        self.pool_mr = ImagePool(config.pool_size, seed=config.seed)
+        self.pool_ct = ImagePool(config.pool_size, seed=config.seed + 1)
+        self.contextual = None
+        if config.use_cx and config.lambda_cx > 0:
+            vgg = load_vgg16_features(config.vgg_weights or None).to(device)
+            self.contextual = ContextualLoss(
+                vgg, band_width=config.cx_band_width, max_positions=config.cx_max_positions, seed=config.seed
+            )
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self.networks["teacher"]
+
+    def _set_requires_grad(self, modules, flag: bool) -> None:
+        for module in modules:
+            for parameter in module.parameters():
+                parameter.requires_grad_(flag)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        config = self.config
+        ct, ct_labels, _ = (tensor.to(self.device, non_blocking=True) for tensor in batch["ct"])
+        mr, mr_labels, mr_labelled = (tensor.to(self.device, non_blocking=True) for tensor in batch["mr"])
+        translator, teacher, student = self.translator, self.teacher, self.student
+        losses: dict[str, float] = {}
+
+        # 1. generators; the discriminators and segmentors only pass gradients through
+        discriminators = [translator.d_mr, translator.d_ct]
+        self._set_requires_grad(discriminators + [teacher, student], False)
+        generators = self.optimizers["generators"]
+        generators.zero_grad(set_to_none=True)
+        with self.autocast():
+            pseudo_mr = translator.g_ct_to_mr(ct)
+            pseudo_ct = translator.g_mr_to_ct(mr)
+            adversarial = self.gan_loss(translator.d_mr(pseudo_mr), True) + self.gan_loss(
+                translator.d_ct(pseudo_ct), True
+            )
+            loss_g = config.lambda_adv * adversarial
+            losses["adv_g"] = float(adversarial.detach())
+            if config.use_cycle and config.lambda_cyc > 0:
+                cycle = (translator.g_mr_to_ct(pseudo_mr) - ct).abs().mean() + (
+                    translator.g_ct_to_mr(pseudo_ct) - mr
+                ).abs().mean()
+                loss_g = loss_g + config.lambda_cyc * cycle
+                losses["cyc"] = float(cycle.detach())
+            if config.lambda_identity > 0:
+                identity = (translator.g_ct_to_mr(mr) - mr).abs().mean() + (translator.g_mr_to_ct(ct) - ct).abs().mean()
+                loss_g = loss_g + config.lambda_identity * identity
+                losses["identity"] = float(identity.detach())
+        if self.contextual is not None:
+            contextual = self.contextual(pseudo_mr.float(), mr.float())
+            loss_g = loss_g + config.lambda_cx * contextual
+            losses["cx"] = float(contextual.detach())
+        reach_hint = config.hint_to_generator and config.lambda_hint > 0
+        reach_seg = config.seg_pm_to_generator and config.use_seg_pm
+        if reach_hint or reach_seg:
+            with self.autocast():
+                teacher_logits, teacher_hints = teacher(pseudo_mr, return_hints=True)
+                if reach_hint:
+                    with torch.no_grad():
+                        _, student_hints = student(ct, return_hints=True)
+            if reach_hint:
+                loss_g = loss_g + config.lambda_hint * hint_loss(student_hints, teacher_hints, config.hint_reduction)
+            if reach_seg:
+                loss_g = loss_g + config.lambda_seg * soft_dice_loss(teacher_logits.float(), ct_labels)
+        self.scaler.scale(loss_g).backward()
+        self.scaler.step(generators)
+
+        # 2. discriminators, on real images against pooled past fakes
+        self._set_requires_grad(discriminators, True)
+        discriminator_optimizer = self.optimizers["discriminators"]
+        discriminator_optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            fake_mr = self.pool_mr.query(pseudo_mr.detach())
+            fake_ct = self.pool_ct.query(pseudo_ct.detach())
+            loss_d_mr = 0.5 * (
+                self.gan_loss(translator.d_mr(mr), True) + self.gan_loss(translator.d_mr(fake_mr), False)
+            )
+            loss_d_ct = 0.5 * (
+                self.gan_loss(translator.d_ct(ct), True) + self.gan_loss(translator.d_ct(fake_ct), False)
+            )
+            loss_d = loss_d_mr + loss_d_ct
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(discriminator_optimizer)
+        losses["adv_d"] = float(loss_d.detach())
+
+        # 3. teacher and student
+        self._set_requires_grad([teacher, student], True)
+        for name in ("teacher", "student"):
+            self.optimizers[name].zero_grad(set_to_none=True)
+        pseudo_mr = pseudo_mr.detach()
+        with self.autocast():
+            student_logits, student_hints = student(ct, return_hints=True)
+            teacher_logits, teacher_hints = teacher(pseudo_mr, return_hints=True)
+        seg_ct = soft_dice_loss(student_logits.float(), ct_labels)
+        loss_s = seg_ct
+        losses["seg_ct"] = float(seg_ct.detach())
+        if config.use_seg_pm:
+            seg_pm = soft_dice_loss(teacher_logits.float(), ct_labels)
+            loss_s = loss_s + seg_pm
+            losses["seg_pm"] = float(seg_pm.detach())
+        if config.use_seg_rm:
+            with self.autocast():
+                real_logits = teacher(mr)
+            seg_rm = masked_dice(real_logits, mr_labels, mr_labelled)
+            if seg_rm is not None:
+                loss_s = loss_s + seg_rm
+                losses["seg_rm"] = float(seg_rm.detach())
+        if config.lambda_hint > 0:
+            if not config.hint_to_teacher:
+                teacher_hints = [hint.detach() for hint in teacher_hints]
+            hint = hint_loss(student_hints, teacher_hints, config.hint_reduction)
+            loss_s = loss_s + config.lambda_hint * hint
+            losses["hint"] = float(hint.detach())
+        self.scaler.scale(loss_s).backward()
+        self.scaler.step(self.optimizers["teacher"])
+        self.scaler.step(self.optimizers["student"])
+        self.scaler.update()
+        return losses
+
+    @torch.no_grad()
+    def previews(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.to(self.device)
+        for network in self.networks.values():
+            network.eval()
+        with self.autocast():
+            pseudo_mr = self.translator.g_ct_to_mr(images)
+            student = torch.softmax(self.student(images).float(), dim=1)[:, 1]
+            teacher = torch.softmax(self.teacher(pseudo_mr).float(), dim=1)[:, 1]
+        self.train()
+        return {"CT": images[:, 0].cpu(), "pseudo-MRI": pseudo_mr[:, 0].float().cpu(),
+                "student": student.cpu(), "teacher": teacher.cpu()}  # fmt: skip
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"pool_mr": self.pool_mr.state_dict(), "pool_ct": self.pool_ct.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "pool_mr" in state:
+            self.pool_mr.load_state_dict(state["pool_mr"])
+            self.pool_ct.load_state_dict(state["pool_ct"])
+
+    def card_details(self) -> dict[str, Any]:
+        config = self.config
+        keys = (
+            "translator", "translator_options", "gan_mode", "lambda_adv", "lambda_cyc", "lambda_cx", "lambda_hint",
+            "lambda_seg", "lambda_identity", "use_cx", "use_cycle", "use_seg_rm", "use_seg_pm", "hint_reduction",
+            "hint_to_teacher", "hint_to_generator", "seg_pm_to_generator", "lr_translator",
+        )  # fmt: skip
+        details = {key: getattr(config, key) for key in keys}
+        details["vgg_weights"] = config.vgg_weights or "torch hub cache (ImageNet)"
+        if config.vgg_weights == "random" and self.contextual is not None:
+            details["deviation"] = "contextual loss computed on a randomly initialised VGG16, not ImageNet weights"
+        return details
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"ct_only": CTOnlyObjective, "cmedl": CMEDLObjective}
 
 
 def build_objective(config: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> Objective:

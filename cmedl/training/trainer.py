@@ -18,27 +18,39 @@ import platform
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cmedl import __version__
 from cmedl.devices import autocast_dtype, resolve_device
 from cmedl.errors import CancelledError, CMEDLError, TrainingError
 from cmedl.metrics import dice
 from cmedl.modelfile import ModelCard, save_model
-from cmedl.patches import predict_slices
+from cmedl.patches import crop_centered, predict_slices
 from cmedl.progress import Progress
 from cmedl.training.augment import AugmentConfig
 from cmedl.training.config import TrainConfig
 from cmedl.training.data import PatchSampler, PreparedVolume, find_cases, prepare_volume, split_cases
 from cmedl.training.objectives import Objective, build_objective
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
-from cmedl.volumes import normalise_hu
+from cmedl.volumes import atomic_output, normalise_hu, normalise_mr
 
 VALIDATION_SLICE_MARGIN = 2
+
+
+@dataclass
+class Datasets:
+    """The prepared volumes of a run and the file lists written to ``data.json``."""
+
+    ct_training: list[PreparedVolume]
+    ct_validation: list[PreparedVolume]
+    mr: list[PreparedVolume]
+    lists: dict[str, list[str]]
 
 
 def _now() -> str:
@@ -83,7 +95,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------------
 
-    def _prepare_data(self) -> tuple[list[PreparedVolume], list[PreparedVolume], dict[str, Any]]:
+    def _prepare_data(self) -> Datasets:
         config = self.config
         cases = find_cases(config.ct, require_labels=True)
         if config.validation:
@@ -91,27 +103,39 @@ class Trainer:
         else:
             training_cases, validation_cases = split_cases(cases, config.validation_fraction, config.seed)
         validation_cases = validation_cases[: config.validation_max_cases]
+        mr_cases = find_cases(config.mr, require_labels=False) if config.method == "cmedl" else []
 
-        def normalise(values: np.ndarray) -> np.ndarray:
+        def normalise_ct(values: np.ndarray) -> np.ndarray:
             return normalise_hu(values, config.hu_window)
 
-        total = len(training_cases) + len(validation_cases)
-        prepared: list[PreparedVolume] = []
-        for index, case in enumerate(training_cases + validation_cases):
-            self.progress.update("data", index, total, "cases")
-            prepared.append(prepare_volume(case, config.spacing_mm, normalise))
-        self.progress.update("data", total, total, "cases")
-        training = prepared[: len(training_cases)]
-        validation = prepared[len(training_cases) :]
-        if not any(len(v.tumour_slices) for v in training):
-            raise TrainingError(f"none of the {len(training)} training CT labels in {config.ct} contains a tumour")
-        data_lists = {
-            "ct_training": [str(case.image) for case in training_cases],
-            "ct_validation": [str(case.image) for case in validation_cases],
-        }
-        return training, validation, data_lists
+        def normalise_mri(values: np.ndarray) -> np.ndarray:
+            return normalise_mr(values, config.mr_percentile)
 
-    def _write_run_files(self, data_lists: dict[str, Any]) -> None:
+        jobs = [(case, normalise_ct) for case in training_cases + validation_cases]
+        jobs += [(case, normalise_mri) for case in mr_cases]
+        prepared: list[PreparedVolume] = []
+        for index, (case, normalise) in enumerate(jobs):
+            self.progress.update("data", index, len(jobs), "cases")
+            prepared.append(prepare_volume(case, config.spacing_mm, normalise))
+        self.progress.update("data", len(jobs), len(jobs), "cases")
+        datasets = Datasets(
+            ct_training=prepared[: len(training_cases)],
+            ct_validation=prepared[len(training_cases) : len(training_cases) + len(validation_cases)],
+            mr=prepared[len(training_cases) + len(validation_cases) :],
+            lists={
+                "ct_training": [str(case.image) for case in training_cases],
+                "ct_validation": [str(case.image) for case in validation_cases],
+                "mr": [str(case.image) for case in mr_cases],
+                "mr_labelled": [str(case.image) for case in mr_cases if case.label is not None],
+            },
+        )
+        if not any(len(v.tumour_slices) for v in datasets.ct_training):
+            raise TrainingError(
+                f"none of the {len(datasets.ct_training)} training CT labels in {config.ct} contains a tumour"
+            )
+        return datasets
+
+    def _write_run_files(self, data_lists: dict[str, list[str]]) -> None:
         self.run.write_json("config.json", self.config.to_dict())
         self.run.write_json("data.json", data_lists)
         self.run.write_json(
@@ -139,10 +163,10 @@ class Trainer:
             self.status = {"state": RUNNING, "pid": os.getpid(), "message": "preparing data", "updated": _now()}
             if not self.resume:
                 self.run.write_status(self.status)
-            training, validation, data_lists = self._prepare_data()
+            datasets = self._prepare_data()
             if not self.resume:
-                self._write_run_files(data_lists)
-            return self._loop(training, validation)
+                self._write_run_files(datasets.lists)
+            return self._loop(datasets)
         except CancelledError:
             return self._finish(STOPPED, "stopped by the user")
         except CMEDLError as error:
@@ -154,13 +178,17 @@ class Trainer:
         finally:
             self._restore_signal_handlers(previous_handlers)
 
-    def _loop(self, training: list[PreparedVolume], validation: list[PreparedVolume]) -> dict[str, Any]:
+    def _loop(self, datasets: Datasets) -> dict[str, Any]:
         config = self.config
+        training, validation = datasets.ct_training, datasets.ct_validation
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
         objective = build_objective(config, self.device, self.amp_dtype)
         augment = AugmentConfig() if config.augment else None
         samplers = {"ct": PatchSampler(training, config.patch_size, config.tumour_patch_fraction, augment, rng)}
+        if "mr" in objective.domains:
+            samplers["mr"] = PatchSampler(datasets.mr, config.patch_size, config.tumour_patch_fraction, augment, rng)
+        preview_images = self._preview_patches(validation or training)
         first_epoch, best_dice, best_epoch, stale_epochs = 1, -math.inf, 0, 0
         if self.resume:
             state = self.run.load_checkpoint()
@@ -180,7 +208,9 @@ class Trainer:
             losses = self._train_epoch(objective, samplers, epoch)
             if losses is None:
                 return self._finish(STOPPED, f"stopped during epoch {epoch}; resume continues after epoch {epoch - 1}")
+            objective.end_epoch()
             validation_dice = self._validate(objective.student, validation) if validation else float("nan")
+            self._write_preview(objective, preview_images, epoch)
             # Without validation cases the latest student is the best we know.
             score = validation_dice if validation else float(epoch)
             improved = score > best_dice
@@ -197,7 +227,7 @@ class Trainer:
             }
             self.run.append_metrics(record)
             if improved:
-                self._export(objective.student, epoch, validation_dice, len(training), len(validation))
+                self._export(objective, epoch, validation_dice, datasets)
             self.run.save_checkpoint(
                 {
                     "epoch": epoch,
@@ -283,22 +313,66 @@ class Trainer:
                 scores.append(score)
         return float(np.mean(scores)) if scores else float("nan")
 
-    def _export(self, network: torch.nn.Module, epoch: int, validation_dice: float, n_train: int, n_val: int) -> None:
+    def _preview_patches(self, volumes: list[PreparedVolume], count: int = 3) -> torch.Tensor:
+        """Fixed CT patches ``(N, 1, P, P)`` through the middle of the first tumours, shown every epoch."""
+        patches = []
+        for volume in volumes:
+            if len(volume.tumour_slices) == 0:
+                continue
+            z = int(volume.tumour_slices[len(volume.tumour_slices) // 2])
+            rows, cols = np.nonzero(volume.label[z])
+            centre = (int(rows.mean()), int(cols.mean()))
+            patches.append(crop_centered(volume.image[z].astype(np.float32), centre, self.config.patch_size, -1.0))
+            if len(patches) == count:
+                break
+        return torch.from_numpy(np.stack(patches)[:, None]) if patches else torch.zeros(0)
+
+    def _write_preview(self, objective: Objective, images: torch.Tensor, epoch: int) -> None:
+        """``previews/epoch_NNN.png``: one row per patch, one column per picture (CT, pseudo-MRI, predictions)."""
+        if len(images) == 0:
+            return
+        pictures = objective.previews(images)
+        rows = []
+        for index in range(len(images)):
+            tiles = []
+            for name, batch in pictures.items():
+                values = batch[index].numpy()
+                if name in ("CT", "pseudo-MRI"):
+                    values = (values + 1.0) / 2.0  # [-1, 1] -> [0, 1]
+                tiles.append(np.clip(values, 0.0, 1.0))
+            rows.append(np.concatenate(tiles, axis=1))
+        picture = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
+        folder = self.run.path / "previews"
+        folder.mkdir(exist_ok=True)
+        with atomic_output(folder / f"epoch_{epoch:03d}.png") as temp:
+            Image.fromarray(picture).save(temp, format="PNG")
+        self.run.write_json("previews/columns.json", {"columns": list(pictures)})
+
+    def _export(self, objective: Objective, epoch: int, validation_dice: float, datasets: Datasets) -> None:
         config = self.config
-        options = dict(getattr(network, "config", {}).get("options", config.segmentor_options) or {})
+        training_data = {
+            "ct_folder": str(config.ct),
+            "ct_training_cases": len(datasets.ct_training),
+            "ct_validation_cases": len(datasets.ct_validation),
+        }
+        if datasets.mr:
+            training_data.update(
+                {
+                    "mr_folder": str(config.mr),
+                    "mr_cases": len(datasets.mr),
+                    "mr_labelled_cases": len(datasets.lists["mr_labelled"]),
+                    "paired": False,
+                }
+            )
         card = ModelCard(
             name=config.name or f"{config.method}-{config.segmentor}-{Path(config.out).name}",
             architecture=config.segmentor,
-            architecture_options=options,
+            architecture_options=dict(config.segmentor_options),
             method=config.method,
             hu_window=tuple(config.hu_window),
             spacing_mm=tuple(config.spacing_mm),
             patch_size=config.patch_size,
-            training_data={
-                "ct_folder": str(config.ct),
-                "ct_training_cases": n_train,
-                "ct_validation_cases": n_val,
-            },
+            training_data=training_data,
             training={
                 "epoch": epoch,
                 "epochs": config.epochs,
@@ -307,11 +381,12 @@ class Trainer:
                 "lr_segmentor": config.lr_segmentor,
                 "seed": config.seed,
                 "augment": config.augment,
+                **objective.card_details(),
             },
             metrics={"validation_dice": None if math.isnan(validation_dice) else round(validation_dice, 4)},
             license=config.license,
         )
-        save_model(self.run.model_path, network, card)
+        save_model(self.run.model_path, objective.student, card)
 
     def _finish(self, state: str, message: str) -> dict[str, Any]:
         self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
