@@ -84,7 +84,7 @@ class TrainConfig:
     lr_decay_fraction: float = 0.5
     vgg_weights: str = ""
     cx_band_width: float = 0.5
-    cx_max_positions: int = 1024
+    cx_max_positions: int = 4225
     mr_percentile: float = 99.5
     seed: int = 0
     device: str = "auto"

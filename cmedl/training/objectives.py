@@ -202,13 +202,16 @@ class CMEDLObjective(Objective):
         for name in self.optimizers:
             self.add_linear_decay(name)
         self.gan_loss = gan_loss(config.gan_mode)
-        self.pool_mr = ImagePool(config.pool_size, seed=config.seed)
-        self.pool_ct = ImagePool(config.pool_size, seed=config.seed + 1)
+        self.pool_mr = ImagePool(config.pool_size, rng=config.seed)
+        self.pool_ct = ImagePool(config.pool_size, rng=config.seed + 1)
         self.contextual = None
         if config.use_cx and config.lambda_cx > 0:
             vgg = load_vgg16_features(config.vgg_weights or None).to(device)
             self.contextual = ContextualLoss(
-                vgg, band_width=config.cx_band_width, max_positions=config.cx_max_positions, seed=config.seed
+                vgg,
+                band_width=config.cx_band_width,
+                max_positions=config.cx_max_positions,
+                generator=torch.Generator(device=device).manual_seed(config.seed),
             )
 
     @property

@@ -1,0 +1,163 @@
+"""CMEDL joint training: the objective's updates, its loss switches, a tiny real run and its exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmedl.modelfile import load_model
+from cmedl.training.config import TrainConfig
+from cmedl.training.objectives import CMEDLObjective, hint_loss
+from cmedl.training.runfolder import RunFolder
+from cmedl.training.trainer import Trainer
+
+TINY_CMEDL = {
+    "method": "cmedl",
+    "segmentor": "unet",
+    "segmentor_options": {"base_channels": 4},
+    "translator_options": {"base_channels": 4, "n_blocks": 1},
+    "vgg_weights": "random",
+    "cx_max_positions": 64,
+    "patch_size": 64,
+    "spacing_mm": (4.0, 4.0),
+    "batch_size": 2,
+    "iterations_per_epoch": 2,
+    "epochs": 2,
+    "validation_fraction": 0.34,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def unpaired(tmp_path_factory) -> Path:
+    from cmedl.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("unpaired")
+    write_phantom_dataset(out, n_ct=3, n_mr=2, seed=21, size=96)
+    return out
+
+
+def config_for(data: Path, out: Path, **changes) -> TrainConfig:
+    return TrainConfig.from_dict(
+        {**TINY_CMEDL, "ct": str(data / "ct"), "mr": str(data / "mr"), "out": str(out), **changes}
+    )
+
+
+def random_batch(seed: int = 0, labelled_mr: bool = True) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(2, 1, 64, 64, generator=generator) * 2 - 1
+    labels = (torch.rand(2, 64, 64, generator=generator) > 0.8).long()
+    mr = torch.rand(2, 1, 64, 64, generator=generator) * 2 - 1
+    return {
+        "ct": (images, labels, torch.ones(2, dtype=torch.bool)),
+        "mr": (mr, labels.flip(1), torch.full((2,), labelled_mr)),
+    }
+
+
+def objective_for(**changes) -> CMEDLObjective:
+    torch.manual_seed(0)
+    config = TrainConfig.from_dict({**TINY_CMEDL, "ct": "ct", "mr": "mr", "out": "run", **changes}).validate()
+    return CMEDLObjective(config, torch.device("cpu"), None)
+
+
+def parameters_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_one_step_reports_every_loss_term_and_updates_every_network() -> None:
+    objective = objective_for()
+    before = {name: parameters_of(net) for name, net in objective.networks.items()}
+    losses = objective.step(random_batch())
+    assert set(losses) == {"adv_g", "cyc", "cx", "adv_d", "seg_ct", "seg_pm", "seg_rm", "hint"}
+    assert all(torch.isfinite(torch.tensor(value)) for value in losses.values())
+    for name, net in objective.networks.items():
+        assert changed(before[name], net), name
+
+
+def test_loss_terms_switch_off_one_by_one() -> None:
+    assert "cx" not in objective_for(use_cx=False).step(random_batch())
+    assert "cyc" not in objective_for(use_cycle=False).step(random_batch())
+    assert "seg_rm" not in objective_for(use_seg_rm=False).step(random_batch())
+    assert "seg_pm" not in objective_for(use_seg_pm=False).step(random_batch())
+    # unlabelled MRI: the teacher learns from pseudo-MRI only
+    assert "seg_rm" not in objective_for().step(random_batch(labelled_mr=False))
+
+
+def test_hint_gradient_reaches_the_teacher_only_when_asked() -> None:
+    kept = objective_for(hint_to_teacher=False, use_seg_pm=False, use_seg_rm=False)
+    before = parameters_of(kept.teacher)
+    kept.step(random_batch())
+    assert not changed(before, kept.teacher)
+    pulled = objective_for(hint_to_teacher=True, use_seg_pm=False, use_seg_rm=False)
+    before = parameters_of(pulled.teacher)
+    pulled.step(random_batch())
+    assert changed(before, pulled.teacher)
+
+
+def test_hint_and_pmri_segmentation_reach_the_generator_only_when_asked() -> None:
+    generators = []
+    for reach in (False, True):
+        objective = objective_for(hint_to_generator=reach, seg_pm_to_generator=reach)
+        objective.step(random_batch())
+        generators.append(parameters_of(objective.translator.g_ct_to_mr))
+    assert any(not torch.equal(a, b) for a, b in zip(*generators))
+
+
+def test_hint_reductions() -> None:
+    student = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 8, 8)]
+    teacher = [torch.ones(2, 3, 4, 4), torch.full((2, 5, 8, 8), 2.0)]
+    assert float(hint_loss(student, teacher, "mean")) == pytest.approx(1.0 + 4.0)
+    # squared Frobenius norm per sample: 3*4*4*1 + 5*8*8*4
+    assert float(hint_loss(student, teacher, "sum")) == pytest.approx(48 + 1280)
+
+
+def test_a_tiny_cmedl_run_exports_a_student_that_segments(unpaired: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    status = Trainer(config_for(unpaired, out)).fit()
+    assert status["state"] == "finished"
+    run = RunFolder(out)
+    records = run.read_metrics()
+    assert [r["epoch"] for r in records] == [1, 2]
+    for term in ("adv_g", "cyc", "cx", "adv_d", "seg_ct", "seg_pm", "seg_rm", "hint"):
+        assert f"loss_{term}" in records[0], term
+    data = json.loads((out / "data.json").read_text())
+    assert len(data["mr"]) == 2 and len(data["mr_labelled"]) == 2
+    assert (out / "previews" / "epoch_002.png").is_file()
+    columns = json.loads((out / "previews" / "columns.json").read_text())["columns"]
+    assert columns == ["CT", "pseudo-MRI", "student", "teacher"]
+    model = load_model(run.model_path)
+    assert model.card.method == "cmedl"
+    assert model.card.training["lambda_cyc"] == 10.0 and model.card.training["lambda_seg"] == 5.0
+    assert "randomly initialised VGG16" in model.card.training["deviation"]
+    assert model.card.training_data["paired"] is False and model.card.training_data["mr_cases"] == 2
+    with torch.no_grad():
+        assert model.network(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_a_cmedl_run_resumes_with_its_translator_and_pools(unpaired: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    Trainer(config_for(unpaired, out, epochs=1)).fit()
+    checkpoint = RunFolder(out).load_checkpoint()
+    assert set(checkpoint["objective"]["networks"]) == {"translator", "teacher", "student"}
+    assert len(checkpoint["objective"]["extra"]["pool_mr"]["images"]) > 0
+    status = Trainer.resume_run(out, epochs=2).fit()
+    assert status["state"] == "finished"
+    assert [r["epoch"] for r in RunFolder(out).read_metrics()] == [1, 2]
+
+
+def test_mr_without_labels_trains_the_teacher_on_pseudo_mri_only(unpaired: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(unpaired, data)
+    shutil.rmtree(data / "mr" / "labels")
+    out = tmp_path / "run"
+    Trainer(config_for(data, out, epochs=1)).fit()
+    record = RunFolder(out).read_metrics()[0]
+    assert "loss_seg_rm" not in record and "loss_seg_pm" in record
