@@ -161,3 +161,35 @@ def test_mr_without_labels_trains_the_teacher_on_pseudo_mri_only(unpaired: Path,
     Trainer(config_for(data, out, epochs=1)).fit()
     record = RunFolder(out).read_metrics()[0]
     assert "loss_seg_rm" not in record and "loss_seg_pm" in record
+
+
+def test_the_translator_export_makes_pseudo_mri_on_the_ct_grid(unpaired: Path, tmp_path: Path) -> None:
+    from conftest import run_cmedl
+
+    from cmedl.volumes import read_volume, same_geometry
+
+    out = tmp_path / "run"
+    Trainer(config_for(unpaired, out, epochs=1)).fit()
+    translator = out / "translator.safetensors"
+    assert translator.is_file()
+    ct_path = sorted((unpaired / "ct" / "images").iterdir())[0]
+    pseudo_path = tmp_path / "pseudo_mr.nii.gz"
+    result = run_cmedl("translate", str(ct_path), "-o", str(pseudo_path), "--model", str(translator), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    pseudo, ct = read_volume(pseudo_path), read_volume(ct_path)
+    assert same_geometry(pseudo, ct)
+    values = sitk_array(pseudo)
+    assert values.min() >= 0.0 and values.max() <= 1000.0 and values.std() > 0
+    # each file is refused where the other kind is expected
+    wrong = run_cmedl("segment", str(ct_path), "-o", str(tmp_path / "x.nii.gz"), "--model", str(translator))
+    assert wrong.returncode == 4 and "translator" in wrong.stderr
+    wrong = run_cmedl(
+        "translate", str(ct_path), "-o", str(tmp_path / "y.nii.gz"), "--model", str(out / "model.safetensors")
+    )
+    assert wrong.returncode == 4
+
+
+def sitk_array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)

@@ -1,6 +1,6 @@
 """The ``cmedl`` command line (also ``python -m cmedl``).
 
-Subcommands: ``segment``, ``lungs``, ``train``, ``phantom``, ``info``, ``demo``, ``bench``.
+Subcommands: ``segment``, ``translate``, ``lungs``, ``train``, ``phantom``, ``info``, ``demo``, ``bench``.
 Every failure a user can cause ends with one line on stderr (``cmedl: error: ...``) and an exit code
 that tells the outcomes apart (see :mod:`cmedl.errors`): 2 no lungs found, 3 bad input, 4 bad model
 file, 5 not a CT, 6 cannot write output, 7 bad configuration, 8 training failed, 130 cancelled.
@@ -96,6 +96,32 @@ def _run_segment(args: argparse.Namespace, progress: Progress) -> int:
             f"{summary['output']}: lung tumour {summary['tumour_volume_ml']:.1f} mL, "
             f"{summary['slices_segmented']} slices, {summary['seconds']:.1f} s on {summary['device']}"
         )
+    return 0
+
+
+# -- translate ---------------------------------------------------------------------------------------
+
+
+def _add_translate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("translate", help="pseudo-MRI of a CT with a CMEDL run's translator.safetensors")
+    parser.add_argument("input", help="CT volume file or DICOM series folder")
+    parser.add_argument("-o", "--output", required=True, help="pseudo-MRI volume (.nii.gz, .nrrd, .mha)")
+    parser.add_argument("--model", required=True, help="translator model file of a CMEDL run")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--force", action="store_true", help="translate even if the image does not look like CT")
+    _add_progress_flag(parser)
+    parser.set_defaults(handler=_run_translate)
+
+
+def _run_translate(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.translate import translate_file
+
+    if not Path(args.input).exists():
+        raise InputError(f"input not found: {args.input}")
+    summary = translate_file(args.input, args.output, args.model, args.device, args.force, progress)
+    progress.done(summary)
+    if args.progress != "json":
+        print(f"{summary['output']}: pseudo-MRI in {summary['seconds']:.1f} s on {summary['device']}")
     return 0
 
 
@@ -335,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cmedl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_segment, _add_lungs, _add_train, _add_phantom, _add_info, _add_demo, _add_bench):
+    for add in (_add_segment, _add_translate, _add_lungs, _add_train, _add_phantom, _add_info, _add_demo, _add_bench):
         add(commands)
     return parser
 

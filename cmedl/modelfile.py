@@ -28,6 +28,7 @@ FORMAT_KEY = "cmedl.format"
 FORMAT_NAME = "cmedl-model"
 FORMAT_VERSION = 1
 
+TRANSLATOR_KIND = "translator"
 RESEARCH_USE_ONLY = "research use only; not for clinical decisions"
 
 
@@ -67,6 +68,7 @@ class ModelCard:
     name: str
     architecture: str
     architecture_options: dict[str, Any] = field(default_factory=dict)
+    kind: str = "segmentor"
     in_channels: int = 1
     num_classes: int = 2
     method: str = "ct_only"
@@ -111,6 +113,24 @@ class LoadedModel:
     card: ModelCard
     path: Path
     sha256: str
+
+
+class PseudoMRIModel(torch.nn.Module):
+    """The CT->MR generator and the MRI teacher of one CMEDL run, saved together as a translator file."""
+
+    def __init__(self, generator: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+        self.teacher = teacher
+
+
+def save_translator(path: str | Path, generator: torch.nn.Module, teacher: torch.nn.Module, card: ModelCard) -> Path:
+    """Write a CMEDL run's generator and teacher as one model file of kind ``translator``.
+
+    ``card.architecture`` names the translator, ``card.training["teacher"]`` the teacher's architecture.
+    """
+    card.kind = TRANSLATOR_KIND
+    return save_model(path, PseudoMRIModel(generator, teacher), card)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -169,6 +189,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     path = _existing(path)
     card = read_model_card(path)
+    if card.kind != "segmentor":
+        raise ModelFileError(f"{path.name} holds a {card.kind} model, not a tumour segmentation model")
     if not isinstance(card.architecture_options, dict):
         raise ModelFileError(f"{path.name} has a damaged model card (architecture_options is not a JSON object)")
     try:
@@ -179,6 +201,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ModelFileError(
             f"{path.name}: the model card names an architecture this engine cannot build: {error}"
         ) from None
+    load_weights(path, network, card)
+    network.eval().to(device)
+    return LoadedModel(network=network, card=card, path=path, sha256=file_sha256(path))
+
+
+def load_weights(path: str | Path, network: torch.nn.Module, card: ModelCard) -> None:
+    """Load a model file's weights into ``network`` (built from ``card``); a mismatch is a ModelFileError."""
+    path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             state = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -191,8 +221,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"{path.name}: the weights do not match architecture {card.architecture!r} "
             f"{card.architecture_options} ({_state_dict_problem(error)})"
         ) from None
-    network.eval().to(device)
-    return LoadedModel(network=network, card=card, path=path, sha256=file_sha256(path))
 
 
 def describe_model(path: str | Path) -> dict[str, Any]:

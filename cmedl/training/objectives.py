@@ -8,12 +8,15 @@ validated as ``student``.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cmedl.devices import autocast_context
 from cmedl.losses import soft_dice_loss
+from cmedl.modelfile import ModelCard, save_translator
 from cmedl.nets import build_segmentor
 from cmedl.training.config import TrainConfig
 
@@ -106,6 +109,9 @@ class Objective:
     def card_details(self) -> dict[str, Any]:
         """What the exported student's model card says about how this method trained it."""
         return {}
+
+    def export_extras(self, folder: Path, student_card: ModelCard) -> None:
+        """Write model files besides the student's (called whenever the student is exported)."""
 
 
 def build_network(config: TrainConfig) -> torch.nn.Module:
@@ -344,6 +350,22 @@ class CMEDLObjective(Objective):
         if "pool_mr" in state:
             self.pool_mr.load_state_dict(state["pool_mr"])
             self.pool_ct.load_state_dict(state["pool_ct"])
+
+    def export_extras(self, folder: Path, student_card: ModelCard) -> None:
+        """``translator.safetensors``: the CT->MR generator and the teacher, for ``cmedl translate``."""
+        config = self.config
+        card = dataclasses.replace(
+            student_card,
+            name=f"{student_card.name}-translator",
+            architecture=config.translator,
+            architecture_options=dict(config.translator_options),
+            training={
+                **student_card.training,
+                "teacher": {"architecture": config.segmentor, "options": dict(config.segmentor_options)},
+            },
+            description="CT to pseudo-MRI generator and MRI teacher of a CMEDL run",
+        )
+        save_translator(folder / "translator.safetensors", self.translator.g_ct_to_mr, self.teacher, card)
 
     def card_details(self) -> dict[str, Any]:
         config = self.config

@@ -387,6 +387,7 @@ class Trainer:
             license=config.license,
         )
         save_model(self.run.model_path, objective.student, card)
+        objective.export_extras(self.run.path, card)
 
     def _finish(self, state: str, message: str) -> dict[str, Any]:
         self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
