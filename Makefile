@@ -17,11 +17,11 @@ demo: $(VENV)/.installed
 	$(PY) -m cmedl demo --out demo_output
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check cmedl Testing benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check cmedl Testing benchmarks
+	$(PY) -m ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) -m cmedl bench
