@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from cmedl.errors import InputError, TrainingError
 from cmedl.patches import crop_centered, resize_slices
@@ -63,16 +64,35 @@ class PreparedVolume:
         image: ``(Z, H, W)`` float16 normalised intensities, in-plane spacing = the run's spacing.
         label: ``(Z, H, W)`` uint8 class indices, or None for an unlabelled case.
         tumour_slices: indices of slices with at least one foreground voxel.
+        context_slices: indices of the slices background patches are drawn from: for CT the slices holding
+            lung (where inference runs, lung bases and apices included), otherwise every slice.
     """
 
     name: str
     image: np.ndarray
     label: np.ndarray | None
     tumour_slices: np.ndarray
+    context_slices: np.ndarray
+
+
+def lung_slices(hu: np.ndarray, air_hu: float = -500.0, min_fraction: float = 0.02) -> np.ndarray:
+    """Slices of a ``(Z, H, W)`` CT in which air-density pixels enclosed by the body (lung, not the air around
+    the patient) make up at least ``min_fraction`` of the body's cross-section."""
+    found = []
+    for z, plane in enumerate(hu):
+        dense = plane >= air_hu
+        body = ndimage.binary_fill_holes(dense)
+        area = np.count_nonzero(body)
+        if area and np.count_nonzero(body & ~dense) >= min_fraction * area:
+            found.append(z)
+    return np.array(found, dtype=np.int64)
 
 
 def prepare_volume(
-    case: CasePaths, spacing_mm: tuple[float, float], normalise: Callable[[np.ndarray], np.ndarray]
+    case: CasePaths,
+    spacing_mm: tuple[float, float],
+    normalise: Callable[[np.ndarray], np.ndarray],
+    is_ct: bool = True,
 ) -> PreparedVolume:
     """Read, reorient, resample in-plane to ``spacing_mm`` (x, y) and normalise one case."""
     image = sitk.DICOMOrient(read_volume(case.image), CANONICAL_ORIENTATION)
@@ -92,7 +112,11 @@ def prepare_volume(
         tumour_slices = np.flatnonzero(label_array.reshape(len(label_array), -1).any(axis=1))
     else:
         tumour_slices = np.zeros(0, dtype=np.int64)
-    return PreparedVolume(case.name, normalised, label_array, tumour_slices)
+    # Background patches come from where the model will be applied: slices with lung, not neck or pelvis.
+    context = lung_slices(pixels) if is_ct else np.arange(len(pixels))
+    if len(context) == 0:
+        context = np.arange(len(pixels))
+    return PreparedVolume(case.name, normalised, label_array, tumour_slices, context)
 
 
 def split_cases(cases: list[CasePaths], fraction: float, seed: int) -> tuple[list[CasePaths], list[CasePaths]]:
@@ -151,7 +175,7 @@ class PatchSampler:
             centre = (int(rows[pick] + jitter[0]), int(cols[pick] + jitter[1]))
         else:
             volume = self.volumes[rng.integers(len(self.volumes))]
-            z = int(rng.integers(len(volume.image)))
+            z = int(volume.context_slices[rng.integers(len(volume.context_slices))])
             centre = self._body_centre(volume.image[z])
         image = crop_centered(volume.image[z].astype(np.float32), centre, self.patch_size, BACKGROUND)
         if volume.label is not None:
