@@ -4,11 +4,17 @@ An objective owns its networks and optimizers and knows how to take one step on 
 (:mod:`cmedl.training.trainer`) owns everything else (data, validation, checkpoints, early stopping), so a
 new method is a new objective, not a new loop. Every objective exposes the network that is exported and
 validated as ``student``.
+
+Data-parallel training (``torchrun``) wraps each trained network on its own (:meth:`Objective.distribute`);
+:meth:`Objective.step` calls a network through :meth:`Objective.replica` where that network is being trained,
+so the wrapper averages its gradients, and calls it directly where it is frozen. ``networks`` always holds
+the plain modules: checkpoints and model files look the same whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +44,24 @@ class Objective:
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        # Data-parallel wrappers of the trained modules, by the names of trained_modules(); empty in one process.
+        self.replicas: dict[str, torch.nn.Module] = {}
 
     @property
     def student(self) -> torch.nn.Module:
         return self.networks["student"]
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules whose parameters an optimizer steps, each one called as a whole inside :meth:`step`."""
+        return {"student": self.student}
+
+    def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """Wrap every trained module (for example in DistributedDataParallel) for :meth:`step` to call."""
+        self.replicas = {name: wrap(module) for name, module in self.trained_modules().items()}
+
+    def replica(self, name: str) -> torch.nn.Module:
+        """What :meth:`step` calls to train the module ``name``: its wrapper, or the module in one process."""
+        return self.replicas[name] if name in self.replicas else self.trained_modules()[name]
 
     def autocast(self):
         return autocast_context(self.device, self.amp_dtype)
@@ -136,7 +156,7 @@ class CTOnlyObjective(Objective):
         optimizer = self.optimizers["student"]
         optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits = self.student(images)
+            logits = self.replica("student")(images)
         loss = soft_dice_loss(logits.float(), labels)
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
@@ -224,6 +244,18 @@ class CMEDLObjective(Objective):
     def teacher(self) -> torch.nn.Module:
         return self.networks["teacher"]
 
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        # The translator as such is never called: each of its four networks is, in its own update.
+        translator = self.translator
+        return {
+            "g_ct_to_mr": translator.g_ct_to_mr,
+            "g_mr_to_ct": translator.g_mr_to_ct,
+            "d_mr": translator.d_mr,
+            "d_ct": translator.d_ct,
+            "teacher": self.teacher,
+            "student": self.student,
+        }
+
     def _set_requires_grad(self, modules, flag: bool) -> None:
         for module in modules:
             for parameter in module.parameters():
@@ -236,27 +268,28 @@ class CMEDLObjective(Objective):
         translator, teacher, student = self.translator, self.teacher, self.student
         losses: dict[str, float] = {}
 
-        # 1. generators; the discriminators and segmentors only pass gradients through
+        # 1. generators; the discriminators and segmentors only pass gradients through. Frozen networks are called
+        # directly, not through their data-parallel wrappers: a wrapper whose forward ran expects gradients for
+        # its parameters in the next backward pass.
+        g_ct_to_mr, g_mr_to_ct = self.replica("g_ct_to_mr"), self.replica("g_mr_to_ct")
         discriminators = [translator.d_mr, translator.d_ct]
         self._set_requires_grad(discriminators + [teacher, student], False)
         generators = self.optimizers["generators"]
         generators.zero_grad(set_to_none=True)
         with self.autocast():
-            pseudo_mr = translator.g_ct_to_mr(ct)
-            pseudo_ct = translator.g_mr_to_ct(mr)
+            pseudo_mr = g_ct_to_mr(ct)
+            pseudo_ct = g_mr_to_ct(mr)
             adversarial = self.gan_loss(translator.d_mr(pseudo_mr), True) + self.gan_loss(
                 translator.d_ct(pseudo_ct), True
             )
             loss_g = config.lambda_adv * adversarial
             losses["adv_g"] = float(adversarial.detach())
             if config.use_cycle and config.lambda_cyc > 0:
-                cycle = (translator.g_mr_to_ct(pseudo_mr) - ct).abs().mean() + (
-                    translator.g_ct_to_mr(pseudo_ct) - mr
-                ).abs().mean()
+                cycle = (g_mr_to_ct(pseudo_mr) - ct).abs().mean() + (g_ct_to_mr(pseudo_ct) - mr).abs().mean()
                 loss_g = loss_g + config.lambda_cyc * cycle
                 losses["cyc"] = float(cycle.detach())
             if config.lambda_identity > 0:
-                identity = (translator.g_ct_to_mr(mr) - mr).abs().mean() + (translator.g_mr_to_ct(ct) - ct).abs().mean()
+                identity = (g_ct_to_mr(mr) - mr).abs().mean() + (g_mr_to_ct(ct) - ct).abs().mean()
                 loss_g = loss_g + config.lambda_identity * identity
                 losses["identity"] = float(identity.detach())
         if self.contextual is not None:
@@ -279,24 +312,22 @@ class CMEDLObjective(Objective):
         self.scaler.step(generators)
 
         # 2. discriminators, on real images against pooled past fakes
+        d_mr, d_ct = self.replica("d_mr"), self.replica("d_ct")
         self._set_requires_grad(discriminators, True)
         discriminator_optimizer = self.optimizers["discriminators"]
         discriminator_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             fake_mr = self.pool_mr.query(pseudo_mr.detach())
             fake_ct = self.pool_ct.query(pseudo_ct.detach())
-            loss_d_mr = 0.5 * (
-                self.gan_loss(translator.d_mr(mr), True) + self.gan_loss(translator.d_mr(fake_mr), False)
-            )
-            loss_d_ct = 0.5 * (
-                self.gan_loss(translator.d_ct(ct), True) + self.gan_loss(translator.d_ct(fake_ct), False)
-            )
+            loss_d_mr = 0.5 * (self.gan_loss(d_mr(mr), True) + self.gan_loss(d_mr(fake_mr), False))
+            loss_d_ct = 0.5 * (self.gan_loss(d_ct(ct), True) + self.gan_loss(d_ct(fake_ct), False))
             loss_d = loss_d_mr + loss_d_ct
         self.scaler.scale(loss_d).backward()
         self.scaler.step(discriminator_optimizer)
         losses["adv_d"] = float(loss_d.detach())
 
         # 3. teacher and student
+        teacher, student = self.replica("teacher"), self.replica("student")
         self._set_requires_grad([teacher, student], True)
         for name in ("teacher", "student"):
             self.optimizers[name].zero_grad(set_to_none=True)
@@ -324,6 +355,11 @@ class CMEDLObjective(Objective):
             hint = hint_loss(student_hints, teacher_hints, config.hint_reduction)
             loss_s = loss_s + config.lambda_hint * hint
             losses["hint"] = float(hint.detach())
+        if self.replicas:
+            # Every process must produce a gradient for every teacher parameter in every step, or the gradient
+            # all-reduce waits for one that never comes: a zero-weighted term keeps the teacher in the graph
+            # when its only loss (L_seg^rM) found no labelled MRI in this process's batch.
+            loss_s = loss_s + 0.0 * teacher_logits.float().sum()
         self.scaler.scale(loss_s).backward()
         self.scaler.step(self.optimizers["teacher"])
         self.scaler.step(self.optimizers["student"])

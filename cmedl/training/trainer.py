@@ -7,6 +7,13 @@ and, when validation Dice improved, exports the student as ``model.safetensors``
 
 A stop request (SIGTERM or SIGINT, or :meth:`Trainer.request_stop`) is honoured between iterations: the
 run saves its state as of the last finished epoch, marks itself ``stopped`` and can be resumed.
+
+Under ``torchrun`` the same run is data-parallel (:mod:`cmedl.training.distributed`): every process samples
+its own patches (numpy seed ``seed + rank``) and trains replicas whose gradients are averaged, so
+``batch_size`` is per process and one iteration sees ``batch_size x world size`` patches. Rank 0 alone
+creates and writes the run folder, validates and exports; the others wait for its word at the end of each
+epoch. Stop requests and non-finite losses are shared every iteration, so all processes stop together.
+Every process must see the data folders (and, to resume, the run folder) at the same paths.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import platform
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,7 @@ from cmedl.metrics import dice
 from cmedl.modelfile import ModelCard, save_model
 from cmedl.patches import crop_centered, predict_slices
 from cmedl.progress import Progress
+from cmedl.training import distributed
 from cmedl.training.augment import AugmentConfig
 from cmedl.training.config import TrainConfig
 from cmedl.training.data import PatchSampler, PreparedVolume, find_cases, prepare_volume, split_cases
@@ -75,6 +84,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device, config.amp)
         self._stop = threading.Event()
         self.status: dict[str, Any] = {}
+        # False in the data-parallel processes other than rank 0: they neither write the run folder nor report.
+        self.main = True
 
     @classmethod
     def resume_run(cls, run_path: str | Path, progress: Progress | None = None, **overrides: Any) -> Trainer:
@@ -116,7 +127,7 @@ class Trainer:
         prepared: list[PreparedVolume] = []
         for index, (case, normalise) in enumerate(jobs):
             self.progress.update("data", index, len(jobs), "cases")
-            prepared.append(prepare_volume(case, config.spacing_mm, normalise))
+            prepared.append(prepare_volume(case, config.spacing_mm, normalise, is_ct=normalise is normalise_ct))
         self.progress.update("data", len(jobs), len(jobs), "cases")
         datasets = Datasets(
             ct_training=prepared[: len(training_cases)],
@@ -147,6 +158,7 @@ class Trainer:
                 "host": platform.node(),
                 "seed": self.config.seed,
                 "device": str(self.device),
+                "world_size": distributed.world_size(),
                 "amp": str(self.amp_dtype) if self.amp_dtype else "off",
                 "started": _now(),
             },
@@ -155,16 +167,60 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Run until the last epoch, early stopping or a stop request; returns the final status."""
+        """Run until the last epoch, early stopping or a stop request; returns the final status.
+
+        Under ``torchrun`` every process calls this; all of them end in the same state with the same message.
+        """
+        with distributed.process_group(self.device) as device:
+            self.device = device
+            self.main = distributed.is_main_process()
+            if not self.main:
+                # One voice: rank 0 reports progress; the others keep only the cancel event.
+                self.progress = Progress(self.progress.cancel)
+            return self._fit()
+
+    def _create_run_folder(self) -> None:
+        """Rank 0 creates the folder (or refuses an existing run); every process raises the same refusal."""
+        refusal: Exception | None = None
+        if self.main:
+            try:
+                self.run.create()
+            except Exception as error:
+                refusal = error
+        refusal = distributed.broadcast_object(refusal)
+        if refusal is not None:
+            raise refusal
+
+    @staticmethod
+    def _on_every_process(task: Callable[[], Any]) -> Any:
+        """``task()``; when it fails with a user error in any process (a data folder missing on one node, say),
+        every process raises that error instead of the others waiting for the failed one."""
+        result, problem = None, None
+        try:
+            result = task()
+        except CMEDLError as error:
+            problem = error
+        problems = [error for error in distributed.all_gather_object(problem) if error is not None]
+        if problems:
+            raise problems[0]
+        return result
+
+    def _fit(self) -> dict[str, Any]:
         if not self.resume:
-            self.run.create()
+            self._create_run_folder()
         previous_handlers = self._install_signal_handlers()
         try:
-            self.status = {"state": RUNNING, "pid": os.getpid(), "message": "preparing data", "updated": _now()}
-            if not self.resume:
+            self.status = {
+                "state": RUNNING,
+                "pid": os.getpid(),
+                "world_size": distributed.world_size(),
+                "message": "preparing data",
+                "updated": _now(),
+            }
+            if not self.resume and self.main:
                 self.run.write_status(self.status)
-            datasets = self._prepare_data()
-            if not self.resume:
+            datasets = self._on_every_process(self._prepare_data)
+            if not self.resume and self.main:
                 self._write_run_files(datasets.lists)
             return self._loop(datasets)
         except CancelledError:
@@ -181,25 +237,37 @@ class Trainer:
     def _loop(self, datasets: Datasets) -> dict[str, Any]:
         config = self.config
         training, validation = datasets.ct_training, datasets.ct_validation
+        rank = distributed.rank()
+        # The same torch seed everywhere starts the replicas identical; each process draws its own patches.
         torch.manual_seed(config.seed)
-        rng = np.random.default_rng(config.seed)
+        rng = np.random.default_rng(config.seed + rank)
         objective = build_objective(config, self.device, self.amp_dtype)
         augment = AugmentConfig() if config.augment else None
         samplers = {"ct": PatchSampler(training, config.patch_size, config.tumour_patch_fraction, augment, rng)}
         if "mr" in objective.domains:
             samplers["mr"] = PatchSampler(datasets.mr, config.patch_size, config.tumour_patch_fraction, augment, rng)
-        preview_images = self._preview_patches(validation or training)
+        preview_images = self._preview_patches(validation or training) if self.main else torch.zeros(0)
         first_epoch, best_dice, best_epoch, stale_epochs = 1, -math.inf, 0, 0
         if self.resume:
             state = self.run.load_checkpoint()
             objective.load_state_dict(state["objective"])
-            rng.bit_generator.state = state["numpy_rng"]
-            torch.set_rng_state(state["torch_rng"])
             first_epoch = int(state["epoch"]) + 1
+            # The checkpoint holds rank 0's sampling state (whatever the world size it was written with); the
+            # other processes continue on fresh streams of their own.
+            rng.bit_generator.state = (
+                state["numpy_rng"]
+                if rank == 0
+                else np.random.default_rng([config.seed, rank, first_epoch]).bit_generator.state
+            )
+            torch.set_rng_state(state["torch_rng"])
             best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
             stale_epochs = int(state["stale"])
-            self.run.truncate_metrics(int(state["epoch"]))
+            if self.main:
+                self.run.truncate_metrics(int(state["epoch"]))
             self._log(f"resuming {self.run.path} after epoch {state['epoch']}")
+        if distributed.world_size() > 1:
+            # Wrapped after the checkpoint is loaded: the wrappers start every process from rank 0's weights.
+            objective.distribute(lambda module: distributed.wrap(module, self.device))
 
         started = time.monotonic()
         epochs_this_session = 0
@@ -209,6 +277,13 @@ class Trainer:
             if losses is None:
                 return self._finish(STOPPED, f"stopped during epoch {epoch}; resume continues after epoch {epoch - 1}")
             objective.end_epoch()
+            distributed.average_buffers(objective.networks.values())
+            if not self.main:
+                # Rank 0 validates, writes and decides on early stopping; the others take its status and word.
+                self.status, ending = distributed.broadcast_object(None)
+                if ending:
+                    return self._finish(FINISHED, ending)
+                continue
             validation_dice = self._validate(objective.student, validation) if validation else float("nan")
             self._write_preview(objective, preview_images, epoch)
             # Without validation cases the latest student is the best we know.
@@ -244,6 +319,7 @@ class Trainer:
             self.status = {
                 "state": RUNNING,
                 "pid": os.getpid(),
+                "world_size": distributed.world_size(),
                 "epoch": epoch,
                 "epochs": config.epochs,
                 "iteration": config.iterations_per_epoch,
@@ -260,8 +336,14 @@ class Trainer:
             self.progress.update("epoch", epoch, config.epochs, "epochs")
             terms = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
             self._log(f"epoch {epoch}: {terms}, validation Dice {validation_dice:.4f}")
+            ending = None
             if validation and stale_epochs >= config.early_stopping_patience:
-                return self._finish(FINISHED, f"early stopping after epoch {epoch}: best epoch {best_epoch}")
+                ending = f"early stopping after epoch {epoch}: best epoch {best_epoch}"
+            distributed.broadcast_object((self.status, ending))
+            if ending:
+                return self._finish(FINISHED, ending)
+        # Only rank 0 tracked the best epoch; the others know it from the status it sent.
+        best_epoch = self.status.get("best_epoch", best_epoch)
         return self._finish(FINISHED, f"finished {config.epochs} epochs; best epoch {best_epoch}")
 
     def _train_epoch(self, objective: Objective, samplers: dict[str, PatchSampler], epoch: int) -> dict | None:
@@ -270,12 +352,14 @@ class Trainer:
         objective.train()
         sums: dict[str, float] = {}
         for iteration in range(1, config.iterations_per_epoch + 1):
-            if self._should_stop():
+            # A signal reaches one process (or some): all of them stop at the same iteration.
+            if distributed.any_process(self._should_stop()):
                 return None
             batch = {domain: samplers[domain].batch(config.batch_size) for domain in objective.domains}
             losses = objective.step(batch)
             bad = [name for name, value in losses.items() if not math.isfinite(value)]
-            if bad:
+            if distributed.any_process(bool(bad)):
+                bad = sorted({name for names in distributed.all_gather_object(bad) for name in names})
                 raise TrainingError(
                     f"loss {', '.join(bad)} became non-finite at epoch {epoch}, iteration {iteration}; "
                     f"the last good checkpoint is kept (try a lower learning rate or amp off)"
@@ -283,7 +367,8 @@ class Trainer:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value
             self.progress.update("iteration", iteration, config.iterations_per_epoch, f"epoch {epoch}")
-        return {name: total / config.iterations_per_epoch for name, total in sums.items()}
+        means = distributed.mean_over_processes(sums)
+        return {name: total / config.iterations_per_epoch for name, total in means.items()}
 
     def _validate(self, network: torch.nn.Module, volumes: list[PreparedVolume]) -> float:
         """Mean 3D Dice over validation cases, on the tumour's slices (plus a margin) of each case."""
@@ -380,6 +465,7 @@ class Trainer:
                 "batch_size": config.batch_size,
                 "lr_segmentor": config.lr_segmentor,
                 "seed": config.seed,
+                "world_size": distributed.world_size(),
                 "augment": config.augment,
                 **objective.card_details(),
             },
@@ -391,7 +477,7 @@ class Trainer:
 
     def _finish(self, state: str, message: str) -> dict[str, Any]:
         self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
-        if self.run.path.exists():
+        if self.main and self.run.path.exists():
             self.run.write_status(self.status)
         # A failure reaches the user once, as the error the caller reports; the log keeps it too.
         self._log(message, tell=state != FAILED)
@@ -399,6 +485,8 @@ class Trainer:
 
     def _log(self, message: str, tell: bool = True) -> None:
         """Tell the listener and keep the line in the run's ``train.log``."""
+        if not self.main:
+            return
         if tell:
             self.progress.log(message)
         if self.run.path.exists():
