@@ -49,8 +49,6 @@ from cmedl.training.objectives import Objective, build_objective
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
 from cmedl.volumes import atomic_output, normalise_hu, normalise_mr
 
-VALIDATION_SLICE_MARGIN = 2
-
 
 @dataclass
 class Datasets:
@@ -371,16 +369,13 @@ class Trainer:
         return {name: total / config.iterations_per_epoch for name, total in means.items()}
 
     def _validate(self, network: torch.nn.Module, volumes: list[PreparedVolume]) -> float:
-        """Mean 3D Dice over validation cases, on the tumour's slices (plus a margin) of each case."""
+        """Mean 3D Dice over validation cases, on every slice inference would see (the lung slices, and the
+        tumour's), so false positives at the lung bases and apices count against a model."""
         network.eval()
         scores = []
         for volume in volumes:
-            if len(volume.tumour_slices):
-                low = max(0, int(volume.tumour_slices.min()) - VALIDATION_SLICE_MARGIN)
-                high = min(len(volume.image), int(volume.tumour_slices.max()) + VALIDATION_SLICE_MARGIN + 1)
-            else:
-                middle = len(volume.image) // 2
-                low, high = max(0, middle - 2), min(len(volume.image), middle + 3)
+            seen = np.union1d(volume.context_slices, volume.tumour_slices)
+            low, high = int(seen.min()), int(seen.max()) + 1
             slices = ((z, volume.image[z].astype(np.float32)) for z in range(low, high))
             predicted = np.zeros((high - low,) + volume.image.shape[1:], dtype=bool)
             for z, probabilities in predict_slices(
