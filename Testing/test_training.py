@@ -80,7 +80,7 @@ def test_an_existing_run_folder_is_not_overwritten(small_phantoms: Path, tmp_pat
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.stderr.read() if process.stderr else "child ended early"
