@@ -38,3 +38,28 @@ def small_phantoms(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     write_phantom_dataset(out, n_ct=4, n_mr=0, seed=11, size=128)
     return out
+
+
+class MRMLWorld:
+    """A headless Slicer scene with the application, subject-hierarchy and segmentations logics it needs."""
+
+    def __init__(self) -> None:
+        import slicer
+
+        self.scene = slicer.vtkMRMLScene()
+        self.application_logic = slicer.vtkSlicerApplicationLogic()
+        self.application_logic.SetMRMLScene(self.scene)
+        # The logics register what the scene needs (subject hierarchy, labelmap converters); keep them alive.
+        self.logics = []
+        for logic_class in (slicer.vtkSlicerSubjectHierarchyModuleLogic, slicer.vtkSlicerSegmentationsModuleLogic):
+            logic = logic_class()
+            logic.SetMRMLApplicationLogic(self.application_logic)
+            logic.SetMRMLScene(self.scene)
+            self.logics.append(logic)
+
+
+@pytest.fixture
+def mrml() -> MRMLWorld:
+    """A fresh headless MRML scene (skips when the slicer-core package is not installed)."""
+    pytest.importorskip("slicer", reason="the slicer-core package is not installed")
+    return MRMLWorld()

@@ -1,6 +1,7 @@
 """The ``cmedl`` command line (also ``python -m cmedl``).
 
-Subcommands: ``segment``, ``translate``, ``lungs``, ``train``, ``phantom``, ``info``, ``demo``, ``bench``.
+Subcommands: ``segment``, ``translate``, ``lungs``, ``train``, ``phantom``, ``info``, ``models`` (``list``,
+``add``, ``remove``, ``download``, ``clear-cache``, ``path``), ``demo``, ``bench``.
 Every failure a user can cause ends with one line on stderr (``cmedl: error: ...``) and an exit code
 that tells the outcomes apart (see :mod:`cmedl.errors`): 2 no lungs found, 3 bad input, 4 bad model
 file, 5 not a CT, 6 cannot write output, 7 bad configuration, 8 training failed, 130 cancelled.
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cmedl import __version__
-from cmedl.errors import CMEDLError, InputError, NotCTError
+from cmedl.errors import CMEDLError, ConfigError, InputError, NotCTError
 from cmedl.progress import JsonLinesProgress, Progress, TextProgress
 
 Handler = Callable[[argparse.Namespace, Progress], int]
@@ -293,6 +294,113 @@ def _run_info(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+# -- models ------------------------------------------------------------------------------------------
+
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("models", help="the model catalogue: list, add, remove, download models")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="built-in, user and downloadable models")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_run_models_list, progress="none")
+
+    add = actions.add_parser("add", help="register a segmentation model file under a name")
+    add.add_argument("file", help="a CMEDL segmentation model file (.safetensors)")
+    add.add_argument("--name", help="catalogue name (default: the file name without .safetensors)")
+    add.add_argument("--overwrite", action="store_true", help="replace a user model of the same name")
+    add.set_defaults(handler=_run_models_add, progress="none")
+
+    remove = actions.add_parser("remove", help="delete a user model")
+    remove.add_argument("name")
+    remove.set_defaults(handler=_run_models_remove, progress="none")
+
+    download = actions.add_parser("download", help="fetch a downloadable model into the cache")
+    download.add_argument("name")
+    download.add_argument("--accept-license", action="store_true", help="accept the model's license")
+    download.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
+    _add_progress_flag(download)
+    download.set_defaults(handler=_run_models_download)
+
+    clear = actions.add_parser("clear-cache", help="delete every downloaded model file")
+    clear.set_defaults(handler=_run_models_clear_cache, progress="none")
+
+    where = actions.add_parser("path", help="print the CMEDL home, user models and cache folders")
+    where.set_defaults(handler=_run_models_path, progress="none")
+
+
+def _run_models_list(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import list_models
+
+    problems: list[str] = []
+    entries = list_models(problems)
+    if args.json:
+        _print_json({"models": [entry.to_dict() for entry in entries], "problems": problems})
+        return 0
+    rows = [("NAME", "SOURCE", "AVAILABLE", "TITLE", "LICENSE")]
+    for entry in entries:
+        # A multi-line title or license would break the table's rows.
+        title, license_text = (" ".join(text.split()) for text in (entry.title, entry.license))
+        rows.append((entry.name, entry.source, "yes" if entry.available else "no", title, license_text))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    for problem in problems:
+        print(f"cmedl: warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def _run_models_add(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import add_model
+
+    entry = add_model(args.file, name=args.name, overwrite=args.overwrite)
+    print(f"added {entry.name}: {entry.path}")
+    return 0
+
+
+def _run_models_remove(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import remove_model
+
+    path = remove_model(args.name)
+    print(f"removed {args.name} ({path})")
+    return 0
+
+
+def _run_models_download(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import SOURCE_DOWNLOAD, download_model, find_model
+
+    entry = find_model(args.name)
+    if not args.accept_license and entry.source == SOURCE_DOWNLOAD:
+        notice = f"{entry.name}: {entry.title}\nsource: {entry.url}\nlicense: {entry.license}"
+        if args.progress == "json":
+            progress.log(notice)
+        else:
+            print(notice)
+        raise ConfigError(f"{entry.name} is downloaded only once its license is accepted: pass --accept-license")
+    path = download_model(args.name, accept_license=args.accept_license, progress=progress, timeout=args.timeout)
+    progress.done({"name": args.name, "path": str(path)})
+    if args.progress != "json":
+        print(f"{args.name}: {path}")
+    return 0
+
+
+def _run_models_clear_cache(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import cache_dir, clear_cache
+
+    count = clear_cache()
+    print(f"removed {count} downloaded model file{'s' if count != 1 else ''} from {cache_dir()}")
+    return 0
+
+
+def _run_models_path(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.catalogue import cache_dir, cmedl_home, user_models_dir
+
+    print(f"home:        {cmedl_home()}")
+    print(f"user models: {user_models_dir()}")
+    print(f"cache:       {cache_dir()}")
+    return 0
+
+
 # -- demo and bench ----------------------------------------------------------------------------------
 
 
@@ -361,7 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cmedl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_segment, _add_translate, _add_lungs, _add_train, _add_phantom, _add_info, _add_demo, _add_bench):
+    for add in (
+        _add_segment,
+        _add_translate,
+        _add_lungs,
+        _add_train,
+        _add_phantom,
+        _add_info,
+        _add_models,
+        _add_demo,
+        _add_bench,
+    ):
         add(commands)
     return parser
 

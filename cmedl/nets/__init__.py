@@ -24,11 +24,13 @@ from cmedl.errors import ConfigError
 from cmedl.nets.blocks import Segmentor
 from cmedl.nets.densefcn import DenseFCN
 from cmedl.nets.mrrn import MRRN
+from cmedl.nets.threshold import IntensityThreshold
 from cmedl.nets.unet import UNet
 
 __all__ = [
     "SEGMENTOR_NAMES",
     "DenseFCN",
+    "IntensityThreshold",
     "MRRN",
     "Segmentor",
     "UNet",
@@ -36,10 +38,12 @@ __all__ = [
     "count_parameters",
 ]
 
-_SEGMENTORS: dict[str, type[Segmentor]] = {cls.name: cls for cls in (UNet, DenseFCN, MRRN)}
+_TRAINABLE: dict[str, type[Segmentor]] = {cls.name: cls for cls in (UNet, DenseFCN, MRRN)}
+# The threshold network is fixed and only checks geometry; it is built from model files but never trained.
+_SEGMENTORS: dict[str, type[Segmentor]] = {**_TRAINABLE, IntensityThreshold.name: IntensityThreshold}
 
-#: the names ``build_segmentor`` accepts
-SEGMENTOR_NAMES: tuple[str, ...] = tuple(_SEGMENTORS)
+#: the trainable architectures (the paper's three)
+SEGMENTOR_NAMES: tuple[str, ...] = tuple(_TRAINABLE)
 
 
 def _option_names(cls: type[Segmentor]) -> list[str]:
@@ -48,18 +52,19 @@ def _option_names(cls: type[Segmentor]) -> list[str]:
 
 
 def build_segmentor(name: str, in_channels: int = 1, num_classes: int = 2, **options: Any) -> Segmentor:
-    """Build the segmentor ``name`` (one of :data:`SEGMENTOR_NAMES`).
+    """Build the segmentor ``name`` (one of :data:`SEGMENTOR_NAMES`, or ``"threshold"``).
 
     ``options`` are the architecture's width options (plain JSON values), for example ``base_channels``
     for ``"unet"`` (default 64) and ``"mrrn"`` (default 32), or ``growth_rate``, ``stem_channels``,
-    ``layers_per_block``, ``bottleneck_layers`` and ``dropout`` for ``"densefcn"``.
+    ``layers_per_block``, ``bottleneck_layers`` and ``dropout`` for ``"densefcn"``. ``"threshold"`` is a
+    fixed intensity threshold (options ``level``, ``sharpness``) used to check geometry in tests.
 
     Raises:
         ConfigError: unknown name, unknown option, or an option value of the wrong type or range.
     """
     cls = _SEGMENTORS.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ConfigError(f"unknown segmentor {name!r}; valid names: {', '.join(SEGMENTOR_NAMES)}")
+        raise ConfigError(f"unknown segmentor {name!r}; valid names: {', '.join(_SEGMENTORS)}")
     allowed = _option_names(cls)
     unknown = sorted(set(options) - set(allowed))
     if unknown:

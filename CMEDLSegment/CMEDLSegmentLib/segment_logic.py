@@ -1,0 +1,255 @@
+"""Segmenting a CT volume node with a child engine process, and putting the result into the scene.
+
+The volume is written to a private temporary folder, ``python -m cmedl segment ... --progress json`` runs as
+a child process (so the GUI stays responsive, Cancel can kill it, and a crash cannot take Slicer down),
+and only when the child has finished cleanly is its labelmap read and written into a segment. A failed or
+cancelled run adds nothing to the scene, and the input volume node is only ever read.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmedl.catalogue import peek_model_card
+from cmedl.errors import CancelledError, InputError
+from cmedl.jobs import Job, JobResult
+from CMEDLSegmentLib.segmentation_nodes import SegmentStyle, WrittenSegment, write_mask_to_segment
+from CMEDLSegmentLib.volume_nodes import read_labelmap_on_grid, write_volume_node
+
+DEVICES = ("auto", "cuda", "cpu")
+
+# The share of a whole run each engine stage covers, so that one bar runs from 0 to 100 % once.
+STAGE_SPANS = {"read": (0.0, 0.05), "lungs": (0.05, 0.15), "segment": (0.15, 0.95), "write": (0.95, 1.0)}
+
+
+def overall_fraction(event: dict | None) -> float | None:
+    """Share of the whole run done, in [0, 1], after a progress event (None before the first one)."""
+    if not event or event.get("event") != "progress":
+        return None
+    start, end = STAGE_SPANS.get(str(event.get("stage")), (0.0, 1.0))
+    total = max(int(event.get("total") or 0), 1)
+    done = min(max(int(event.get("done") or 0), 0), total)
+    return start + (end - start) * done / total
+
+
+@dataclass
+class SegmentationSettings:
+    """What the user chose in the panel (the engine's ``cmedl segment`` options)."""
+
+    model_path: Path
+    device: str = "auto"
+    lung_threshold_hu: float = -300.0
+    roi_margin_mm: float = 30.0
+    probability_threshold: float = 0.5
+    batch_size: int = 4
+    force: bool = False
+
+    def command_arguments(self, input_path: Path, output_path: Path) -> list[str]:
+        """The ``cmedl segment`` arguments for these settings."""
+        if self.device not in DEVICES:
+            raise InputError(f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
+        arguments = [
+            "segment", str(input_path), "-o", str(output_path),
+            "--model", str(self.model_path),
+            "--device", self.device,
+            "--lung-threshold", f"{self.lung_threshold_hu:g}",
+            "--roi-margin", f"{self.roi_margin_mm:g}",
+            "--threshold", f"{self.probability_threshold:g}",
+            "--batch-size", str(int(self.batch_size)),
+            "--progress", "json",
+        ]  # fmt: skip
+        if self.force:
+            arguments.append("--force")
+        return arguments
+
+
+@dataclass
+class SegmentationOutcome:
+    """A finished run: where the segment went and what the engine reported."""
+
+    segmentation_node: Any
+    segment_id: str
+    volume_ml: float
+    seconds: float
+    device: str
+    created_node: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def status_line(self, segment_name: str) -> str:
+        """The one-line result a user reads, e.g. ``Lung tumour: 12.4 mL, 38 s on cuda``."""
+        where = f" on {self.device}" if self.device else ""
+        return f"{segment_name}: {self.volume_ml:.1f} mL, {self.seconds:.0f} s{where}"
+
+
+class SegmentationTask:
+    """One running segmentation: poll it from a timer, cancel it, and finish it into the scene."""
+
+    def __init__(
+        self,
+        scene,
+        volume_node,
+        style: SegmentStyle,
+        job: Job,
+        work_folder: Path,
+        output_path: Path,
+        segmentation_node=None,
+        segment_id: str | None = None,
+    ) -> None:
+        self.scene = scene
+        self.volume_node = volume_node
+        self.style = style
+        self.job = job
+        self.work_folder = work_folder
+        self.output_path = output_path
+        self.segmentation_node = segmentation_node
+        self.segment_id = segment_id
+        self.started = time.monotonic()
+        self._finished = False
+
+    @property
+    def running(self) -> bool:
+        return self.job.running
+
+    def poll(self) -> list[dict]:
+        """Events that arrived since the last poll (non-blocking)."""
+        return self.job.poll()
+
+    def fraction(self) -> float | None:
+        """Share of the whole run that is done, in [0, 1], or None before the first progress event."""
+        return overall_fraction(self.job.latest_progress)
+
+    def stage_text(self) -> str:
+        """What the engine is doing, e.g. ``segment 12/40 slices``."""
+        event = self.job.latest_progress
+        if not event:
+            return "starting"
+        unit = f" {event['message']}" if event.get("message") == "slices" else ""
+        return f"{event.get('stage', '')} {event.get('done', 0)}/{event.get('total', 0)}{unit}"
+
+    def cancel(self) -> None:
+        """Kill the child's whole process tree and discard its files; nothing reaches the scene."""
+        self.job.cancel()
+        self._cleanup()
+
+    def wait(self, timeout: float | None = None, on_event: Callable[[dict], None] | None = None) -> JobResult:
+        """Block until the child ends (the scripting and self-test path)."""
+        return self.job.wait(timeout=timeout, on_event=on_event)
+
+    def finish(self) -> SegmentationOutcome:
+        """Import the child's result into the scene once it has ended; raises the engine's error otherwise.
+
+        Always removes the temporary folder. Raises :class:`cmedl.errors.CMEDLError` subclasses with the
+        engine's one-line message when the run failed or was cancelled.
+        """
+        if self._finished:
+            raise InputError("this segmentation run has already been finished")
+        try:
+            result = self.job.wait()
+            result.raise_for_error()
+            if not self.output_path.is_file():
+                raise InputError("the engine ended without writing its result")
+            mask = read_labelmap_on_grid(self.output_path, self.volume_node)
+            written: WrittenSegment = write_mask_to_segment(
+                self.scene, self.volume_node, mask, self.style, self.segmentation_node, self.segment_id
+            )
+        finally:
+            self._finished = True
+            self._cleanup()
+        summary = result.result or {}
+        return SegmentationOutcome(
+            segmentation_node=written.segmentation_node,
+            segment_id=written.segment_id,
+            volume_ml=written.volume_ml,
+            seconds=time.monotonic() - self.started,
+            device=str(summary.get("device", "")),
+            created_node=written.created_node,
+            summary=summary,
+        )
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.work_folder, ignore_errors=True)
+
+
+class TumourSegmentationLogic:
+    """Starts segmentation runs for volume nodes of one scene.
+
+    Args:
+        scene: the MRML scene results are added to.
+        python_executable: the interpreter for the child (``PythonSlicer`` inside Slicer; the current
+            interpreter when None).
+        work_root: where the private temporary folders go (the system temporary folder when None).
+    """
+
+    def __init__(self, scene, python_executable: str | None = None, work_root: str | Path | None = None) -> None:
+        self.scene = scene
+        self.python_executable = python_executable
+        self.work_root = Path(work_root) if work_root else None
+
+    def start(
+        self,
+        volume_node,
+        settings: SegmentationSettings,
+        segmentation_node=None,
+        segment_id: str | None = None,
+    ) -> SegmentationTask:
+        """Export the volume and start the child; returns at once with a task to poll."""
+        if volume_node is None:
+            raise InputError("choose an input CT volume")
+        card = peek_model_card(settings.model_path)
+        if card.get("kind", "segmentor") != "segmentor":
+            raise InputError(f"{Path(settings.model_path).name} is not a segmentation model")
+        work_folder = Path(tempfile.mkdtemp(prefix="cmedl-segment-", dir=self.work_root))
+        try:
+            # Named after the node, so that the engine's messages name what the user sees.
+            input_folder = work_folder / "input"
+            input_folder.mkdir()
+            input_path = write_volume_node(volume_node, input_folder / f"{_file_stem(volume_node.GetName())}.nrrd")
+            output_path = work_folder / "segmentation.nrrd"
+            job = Job.start(
+                settings.command_arguments(input_path, output_path),
+                python=self.python_executable,
+                device=settings.device,
+            )
+        except BaseException:
+            shutil.rmtree(work_folder, ignore_errors=True)
+            raise
+        return SegmentationTask(
+            self.scene,
+            volume_node,
+            SegmentStyle.from_model_card(card),
+            job,
+            work_folder,
+            output_path,
+            segmentation_node,
+            segment_id,
+        )
+
+    def segment(
+        self,
+        volume_node,
+        settings: SegmentationSettings,
+        segmentation_node=None,
+        segment_id: str | None = None,
+        on_event: Callable[[dict], None] | None = None,
+        timeout: float | None = None,
+    ) -> SegmentationOutcome:
+        """The blocking path (scripts, batch runs and self-tests): start, wait, import."""
+        task = self.start(volume_node, settings, segmentation_node, segment_id)
+        result = task.wait(timeout=timeout, on_event=on_event)
+        if result.cancelled:
+            task._cleanup()
+            raise CancelledError(result.error or "cancelled")
+        return task.finish()
+
+
+def _file_stem(name: str) -> str:
+    """A file name made from a node name (characters that are unsafe in file names replaced by ``_``)."""
+    stem = re.sub(r"[^A-Za-z0-9._ -]+", "_", name or "").strip(" .")
+    return stem[:80] or "volume"

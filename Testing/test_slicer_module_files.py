@@ -1,0 +1,211 @@
+"""The Slicer modules' files agree with each other: .ui widgets, parameter nodes, CMake lists, .s4ext.
+
+The Qt panel can only run inside Slicer; these checks catch, without Slicer, the mistakes that would
+only show there: a widget name the code uses but the .ui lacks, a parameter bound to no field, a script
+or resource CMake would not install, an extension descriptor that disagrees with CMakeLists.txt.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(path.parent.name for path in ROOT.glob("CMEDL*/CMakeLists.txt"))
+
+# Which Python annotation a widget class can hold when bound through SlicerParameterName.
+WIDGET_TYPES = {
+    "qMRMLNodeComboBox": "node",
+    "ctkSliderWidget": "float",
+    "QDoubleSpinBox": "float",
+    "ctkDoubleSpinBox": "float",
+    "QSpinBox": "int",
+    "QCheckBox": "bool",
+    "QLineEdit": "str",
+    "QComboBox": "str",
+    "ctkPathLineEdit": "Path",
+}
+
+
+def ui_widgets(module: str) -> dict[str, ElementTree.Element]:
+    tree = ElementTree.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    return {widget.get("name"): widget for widget in tree.iter("widget")}
+
+
+def parameter_name(widget: ElementTree.Element) -> str | None:
+    for prop in widget.findall("property"):
+        if prop.get("name") == "SlicerParameterName":
+            return prop.findtext("string")
+    return None
+
+
+def module_tree(module: str) -> ast.Module:
+    return ast.parse((ROOT / module / f"{module}.py").read_text(encoding="utf-8"))
+
+
+def parameter_fields(module: str) -> dict[str, str]:
+    """Field name -> annotation source of the @parameterNodeWrapper class(es) in the module file."""
+    fields = {}
+    for node in ast.walk(module_tree(module)):
+        if isinstance(node, ast.ClassDef) and any(
+            ast.unparse(decorator) == "parameterNodeWrapper" for decorator in node.decorator_list
+        ):
+            for statement in node.body:
+                if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+                    fields[statement.target.id] = ast.unparse(statement.annotation)
+    return fields
+
+
+def used_ui_names(module: str) -> set[str]:
+    names = set()
+    for node in ast.walk(module_tree(module)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
+            names.add(node.attr)
+    return names
+
+
+def test_there_are_modules_to_check() -> None:
+    assert "CMEDLSegment" in MODULES
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_widget_the_code_uses_is_in_the_ui_file(module: str) -> None:
+    missing = used_ui_names(module) - set(ui_widgets(module))
+    assert not missing, f"{module}.py uses widgets the .ui file lacks: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_bound_widget_has_a_parameter_of_a_matching_type(module: str) -> None:
+    fields = parameter_fields(module)
+    assert fields, f"{module}.py has no @parameterNodeWrapper class"
+    bound = {}
+    for name, widget in ui_widgets(module).items():
+        parameter = parameter_name(widget)
+        if parameter is None:
+            continue
+        assert parameter in fields, f"{name} is bound to {parameter!r}, which the parameter node lacks"
+        expected = WIDGET_TYPES.get(widget.get("class"))
+        assert expected is not None, f"{name}: no known binding for widget class {widget.get('class')}"
+        annotation = fields[parameter]
+        if expected == "node":
+            assert re.search(r"vtkMRML\w+Node", annotation), f"{name} holds a node but {parameter} is {annotation}"
+        else:
+            assert re.search(rf"\b{expected}\b", annotation), f"{name} holds {expected} but {parameter} is {annotation}"
+        bound[parameter] = name
+    assert len(bound) == len(set(bound.values())), "two parameters bound to one widget"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_names_are_unique_and_the_top_widget_is_named_after_the_module(module: str) -> None:
+    tree = ElementTree.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    names = [widget.get("name") for widget in tree.iter("widget")]
+    assert len(names) == len(set(names))
+    assert tree.getroot().findtext("class") == module and names[0] == module
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} is not set"
+    return [item for item in match.group(1).split() if not item.startswith("#")]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_cmake_installs_every_script_and_resource_of_the_module(module: str) -> None:
+    text = (ROOT / module / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert f"set(MODULE_NAME {module})" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    expand = lambda item: item.replace("${MODULE_NAME}", module)  # noqa: E731
+    scripts = {expand(item) for item in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
+    on_disk = {str(path.relative_to(ROOT / module)) for path in (ROOT / module).glob(f"{module}Lib/*.py")}
+    assert on_disk | {f"{module}.py"} == scripts
+    for resource in cmake_list(text, "MODULE_PYTHON_RESOURCES"):
+        assert (ROOT / module / expand(resource)).is_file(), resource
+
+
+def test_top_level_cmake_and_s4ext_agree() -> None:
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"^project\(CMEDL\)", cmake, re.M)
+    for module in MODULES:
+        assert f"add_subdirectory({module})" in cmake
+    values = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', cmake))
+    s4ext = {}
+    for line in (ROOT / "CMEDL.s4ext").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            s4ext[key] = value.strip()
+    assert values["EXTENSION_DEPENDS"] == s4ext["depends"] == "PyTorch"
+    assert values["EXTENSION_CATEGORY"] == s4ext["category"] == "Segmentation"
+    for cmake_key, s4ext_key in (
+        ("EXTENSION_HOMEPAGE", "homepage"),
+        ("EXTENSION_CONTRIBUTORS", "contributors"),
+        ("EXTENSION_DESCRIPTION", "description"),
+        ("EXTENSION_ICONURL", "iconurl"),
+        ("EXTENSION_SCREENSHOTURLS", "screenshoturls"),
+    ):
+        assert values[cmake_key] == s4ext[s4ext_key], cmake_key
+    assert (ROOT / "LICENSE").is_file()
+    icon = values["EXTENSION_ICONURL"].rsplit("/main/", 1)[1]
+    assert (ROOT / icon).is_file()
+
+
+def test_the_engine_and_demo_model_are_installed_beside_the_modules() -> None:
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "GLOB_RECURSE CMEDL_ENGINE_SCRIPTS RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} cmedl/*.py" in cmake
+    assert "Resources/Models/*.safetensors" in cmake and "cmedl/resources/*.json" in cmake
+    assert list((ROOT / "cmedl" / "resources").glob("*.json"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_the_module_file_imports_nothing_heavy_at_load_time(module: str) -> None:
+    standard = {"__future__", "html", "logging", "os", "shutil", "tempfile", "threading", "typing"}
+    allowed = standard | {"qt", "ctk", "slicer", "vtk"}
+    for statement in module_tree(module).body:
+        if isinstance(statement, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in statement.names}
+        elif isinstance(statement, ast.ImportFrom):
+            roots = {(statement.module or "").split(".")[0]}
+        else:
+            continue
+        assert roots <= allowed, f"{module}.py imports {roots - allowed} at load time"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_the_scene_code_and_catalogue_load_without_torch(module: str, tmp_path: Path) -> None:
+    pytest.importorskip("slicer", reason="the slicer-core package is not installed")
+    lib = f"{module}Lib"
+    names = sorted(path.stem for path in (ROOT / module / lib).glob("*.py") if path.stem != "__init__")
+    script = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        f"    importlib.import_module('{lib}.' + name)\n"
+        "import cmedl.catalogue\n"
+        "cmedl.catalogue.list_models()\n"
+        "heavy = [m for m in ('torch', 'safetensors', 'skimage') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / module)]),
+            "PATH": os.environ.get("PATH", ""),
+            "CMEDL_HOME": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
