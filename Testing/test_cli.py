@@ -24,7 +24,7 @@ def test_version_and_help() -> None:
     result = run_cmedl("--version")
     assert result.returncode == 0 and __version__ in result.stdout
     result = run_cmedl("--help")
-    for command in ("segment", "lungs", "train", "phantom", "info", "demo", "bench"):
+    for command in ("segment", "translate", "lungs", "train", "phantom", "info", "models", "demo", "bench"):
         assert command in result.stdout
 
 
