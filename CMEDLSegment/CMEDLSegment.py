@@ -233,13 +233,19 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
-        from cmedl.catalogue import add_model
+        from cmedl.catalogue import add_model, user_models_dir
         from cmedl.errors import CMEDLError
 
+        stem = os.path.basename(path).removesuffix(".safetensors")
+        replace = False
+        if os.path.exists(os.path.join(user_models_dir(), f"{stem}.safetensors")):
+            replace = slicer.util.confirmYesNoDisplay(
+                f"A model named '{stem}' is already registered. Replace it with this file?", windowTitle="CMEDL Segment"
+            )
+            if not replace:
+                return
         try:
-            entry = add_model(path, overwrite=slicer.util.confirmYesNoDisplay(
-                "If a model with this name is already registered, replace it?", windowTitle="CMEDL Segment"
-            ))
+            entry = add_model(path, overwrite=replace)
         except CMEDLError as error:
             slicer.util.errorDisplay(f"This file cannot be used: {error}", windowTitle="CMEDL Segment")
             return

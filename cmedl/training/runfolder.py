@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cmedl.errors import InputError
 from cmedl.volumes import atomic_output
 
@@ -110,6 +108,8 @@ class RunFolder:
             temp.write_text("".join(json.dumps(record, default=_plain) + "\n" for record in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        import torch  # here, not at the top: reading a run's status and metrics needs no torch
+
         with atomic_output(self.checkpoint_path) as temp:
             torch.save(state, temp)
 
@@ -117,6 +117,8 @@ class RunFolder:
         """The latest checkpoint, loaded with ``weights_only=True`` (no arbitrary objects are unpickled)."""
         if not self.checkpoint_path.exists():
             raise InputError(f"{self.path} has no checkpoint to resume from (no epoch finished yet?)")
+        import torch
+
         try:
             return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many kinds for a damaged file
