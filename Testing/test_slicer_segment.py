@@ -231,3 +231,24 @@ def test_a_cancelled_run_adds_nothing_and_leaves_no_files(
         task.finish()
     assert mrml.scene.GetNumberOfNodes() == nodes_before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_model_segments_through_the_blocking_path_into_the_same_node(
+    mrml, phantom_ct: sitk.Image, threshold_model: Path, tmp_path: Path
+) -> None:
+    from cmedl.catalogue import resolve_model
+    from CMEDLSegmentLib.segment_logic import SegmentationSettings, TumourSegmentationLogic
+    from CMEDLSegmentLib.volume_nodes import add_volume_from_image
+
+    node = add_volume_from_image(mrml.scene, phantom_ct, "CT")
+    logic = TumourSegmentationLogic(mrml.scene, work_root=tmp_path)
+    first = logic.segment(node, SegmentationSettings(threshold_model, device="cpu"))
+    demo = logic.segment(node, SegmentationSettings(resolve_model("demo"), device="cpu"), first.segmentation_node)
+    assert demo.segmentation_node is first.segmentation_node and not demo.created_node
+    assert demo.segment_id == first.segment_id
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    mask = segment_array(demo.segmentation_node, demo.segment_id, node)
+    roi = sitk.GetArrayFromImage(detect_lungs(phantom_ct).roi_mask).astype(bool)
+    assert not np.any(mask & ~roi), "the demo model's mask stays inside the lung region"
+    assert demo.volume_ml == pytest.approx(mask.sum() * np.prod(phantom_ct.GetSpacing()) / 1000, rel=1e-6)
+    assert demo.summary["model"] == "cmedl-demo-unet"
