@@ -474,15 +474,9 @@ class CMEDLSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def looksLikeCT(volumeNode) -> bool:
         """True for a scalar volume in Hounsfield units (an MR image or a label map is not)."""
-        from cmedl.errors import CMEDLError
-        from cmedl.modality import check_looks_like_ct
-        from CMEDLSegmentLib.volume_nodes import volume_node_to_image
+        from CMEDLSegmentLib.auto_segment import should_segment_automatically
 
-        try:
-            check_looks_like_ct(volume_node_to_image(volumeNode), name=volumeNode.GetName())
-        except (CMEDLError, TypeError):
-            return False
-        return True
+        return should_segment_automatically(volumeNode)[0]
 
     @staticmethod
     def modelCardText(entry) -> str:

@@ -252,3 +252,24 @@ def test_the_demo_model_segments_through_the_blocking_path_into_the_same_node(
     assert not np.any(mask & ~roi), "the demo model's mask stays inside the lung region"
     assert demo.volume_ml == pytest.approx(mask.sum() * np.prod(phantom_ct.GetSpacing()) / 1000, rel=1e-6)
     assert demo.summary["model"] == "cmedl-demo-unet"
+
+
+def test_automatic_mode_reacts_to_ct_only(mrml, phantom_ct: sitk.Image) -> None:
+    import slicer
+
+    from CMEDLSegmentLib.auto_segment import should_segment_automatically
+    from CMEDLSegmentLib.volume_nodes import add_volume_from_image
+
+    ct = add_volume_from_image(mrml.scene, phantom_ct, "CT")
+    assert should_segment_automatically(ct) == (True, "CT in Hounsfield units")
+    mr = add_volume_from_image(mrml.scene, make_phantom("mr", seed=5, size=128).image, "T2w")
+    accepted, reason = should_segment_automatically(mr)
+    assert not accepted and reason
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    mrml.scene.AddNode(labelmap)
+    labelmap.SetAndObserveImageData(ct.GetImageData())
+    assert should_segment_automatically(labelmap) == (False, "a label map")
+    empty = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    assert should_segment_automatically(empty)[0] is False
+    segmentation = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S")
+    assert should_segment_automatically(segmentation) == (False, "not a scalar volume")
