@@ -342,7 +342,7 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if entry is None or volume is None:
             return
         try:
-            if not self.logic.ensureDependencies(self.resourcePath("CMEDLRequirements.txt")):
+            if not self.logic.ensureDependencies():
                 return
         except RuntimeError as error:
             slicer.util.errorDisplay(str(error), windowTitle="CMEDL Segment")
@@ -466,10 +466,10 @@ class CMEDLSegmentLogic(ScriptedLoadableModuleLogic):
         return shutil.which(name) or os.path.join(slicer.app.slicerHome, "bin", name)
 
     @staticmethod
-    def ensureDependencies(requirementsPath: str) -> bool:
+    def ensureDependencies() -> bool:
         from CMEDLSegmentLib.dependencies import ensure_dependencies
 
-        return ensure_dependencies(requirementsPath, requester="CMEDL")
+        return ensure_dependencies(requester="CMEDL")
 
     @staticmethod
     def looksLikeCT(volumeNode) -> bool:

@@ -355,7 +355,9 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openRunFolderButton.enabled = bool(self._runPath)
         segmentation = self._parameterNode.exportSegmentation
         self.ui.addCaseButton.enabled = bool(
-            self._parameterNode.exportVolume and segmentation and self.ui.addSegmentSelector.currentData
+            self._parameterNode.exportVolume
+            and segmentation
+            and self.ui.addSegmentSelector.currentData
             and self._parameterNode.caseName.strip()
         )
 
@@ -443,7 +445,18 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- runs -------------------------------------------------------------------------------------------
 
     def _snapshot(self):
-        return self.logic.readRun(self._runPath) if self._runPath else None
+        if not self._runPath:
+            return None
+        try:
+            return self.logic.readRun(self._runPath)
+        except ImportError as error:
+            self._showMissingPackages(error)
+            return None
+
+    def _showMissingPackages(self, error: ImportError) -> None:
+        self.ui.runStatusLabel.text = (
+            f"Runs cannot be shown yet ({error}): press Start once to install the Python packages CMEDL needs."
+        )
 
     def onRefreshRuns(self) -> None:
         self.refreshRuns(selectPath=self._runPath)
@@ -451,7 +464,11 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshRuns(self, selectPath: str | None = None) -> None:
         """List the runs of the runs folder and select ``selectPath``, else a running one, else the newest."""
         root = self._runsRoot()
-        runs = self.logic.listRuns(root)[:LISTED_RUNS] if root else []
+        try:
+            runs = self.logic.listRuns(root)[:LISTED_RUNS] if root else []
+        except ImportError as error:
+            self._showMissingPackages(error)
+            return
         selectPath = selectPath or self._runPath
         self.ui.runsListWidget.blockSignals(True)
         self.ui.runsListWidget.clear()
@@ -485,7 +502,8 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if snapshot is None:
             self._timer.stop()
             self.ui.progressBar.setVisible(False)
-            self.ui.runStatusLabel.text = "No run selected. Start one, or choose the runs folder of earlier runs."
+            if not self._runPath:
+                self.ui.runStatusLabel.text = "No run selected. Start one, or choose the runs folder of earlier runs."
             self.ui.lossesLabel.text = ""
             self.ui.previewLabel.clear()
             self.ui.previewCaptionLabel.text = ""
@@ -527,6 +545,7 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._chartShown.add(str(snapshot.path))
         if snapshot.state in ("failed", "interrupted") or not self.ui.detailsCollapsibleButton.collapsed:
             self.ui.logTextEdit.setPlainText(self.logic.logText(snapshot.path))
+            self.ui.logTextEdit.moveCursor(qt.QTextCursor.End)
             if snapshot.state == "failed":
                 self.ui.detailsCollapsibleButton.collapsed = False
 
@@ -672,12 +691,9 @@ class CMEDLTrainLogic(ScriptedLoadableModuleLogic):
         Dependencies are a concern of the whole extension, kept by CMEDL Segment (its requirements file and
         installer): this is the one place where this module uses the other one.
         """
-        from CMEDLSegmentLib import dependencies
+        from CMEDLSegmentLib.dependencies import ensure_dependencies
 
-        requirements = os.path.join(
-            os.path.dirname(os.path.dirname(dependencies.__file__)), "Resources", "CMEDLRequirements.txt"
-        )
-        return dependencies.ensure_dependencies(requirements, requester="CMEDL")
+        return ensure_dependencies(requester="CMEDL")
 
     @staticmethod
     def methodChoices():
@@ -844,8 +860,8 @@ class CMEDLTrainTest(ScriptedLoadableModuleTest):
         import importlib.util
         import time
 
-        if importlib.util.find_spec("torch") is None:
-            self.delayDisplay("PyTorch is not installed: press Start once in CMEDL Train to install it")
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("psutil") is None:
+            self.delayDisplay("Python packages are missing: press Start once in CMEDL Train to install them")
             return
         from cmedl.phantom import write_phantom_dataset
         from CMEDLTrainLib.settings import TrainingSettings

@@ -147,3 +147,20 @@ def test_a_scan_can_be_cancelled(phantoms: Path) -> None:
     with pytest.raises(CancelledError):
         scan_training_data(phantoms / "ct" / "images", phantoms / "ct" / "labels", progress=progress)
     assert seen == [(1, 3, "ct_0000.nii.gz")]
+
+
+def test_a_label_stored_with_flipped_axes_is_on_the_images_grid(phantoms: Path, tmp_path: Path) -> None:
+    data = tmp_path / "ct"
+    shutil.copytree(phantoms / "ct", data)
+    path = data / "labels" / "ct_0000.nii.gz"
+    label = sitk.ReadImage(str(path))
+    flipped = sitk.Flip(label, [True, False, True])  # the same voxels in space, stored the other way round
+    assert flipped.GetDirection() != label.GetDirection()
+    sitk.WriteImage(flipped, str(path))
+    folder = scan_folder(data / "images", data / "labels")
+    case = next(case for case in folder.cases if case.name == "ct_0000")
+    assert case.label_issue == "" and case.label_voxels == int(np.count_nonzero(sitk.GetArrayViewFromImage(label)))
+    shifted = sitk.Image(flipped)
+    shifted.SetOrigin([value + 0.5 for value in flipped.GetOrigin()])
+    sitk.WriteImage(shifted, str(path))
+    assert "grid" in scan_folder(data / "images", data / "labels").cases[0].label_issue

@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_requirements_file_is_read_and_checked_against_installed_versions(tmp_path: Path) -> None:
-    from CMEDLSegmentLib.dependencies import missing_requirements, read_requirements
+    from CMEDLSegmentLib.dependencies import REQUIREMENTS_FILE, missing_requirements, read_requirements
 
-    shipped = read_requirements(ROOT / "CMEDLSegment" / "Resources" / "CMEDLRequirements.txt")
+    assert REQUIREMENTS_FILE == ROOT / "CMEDLSegment" / "Resources" / "CMEDLRequirements.txt"
+    shipped = read_requirements(REQUIREMENTS_FILE)
     assert {line.split(">=")[0] for line in shipped} >= {"safetensors", "scikit-image", "scipy", "psutil"}
     assert all(">=" in line for line in shipped), "floors only, never exact pins"
     assert missing_requirements(shipped) == [], "the test environment has everything the module asks for"

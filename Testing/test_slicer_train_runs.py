@@ -153,6 +153,17 @@ def test_several_gpus_start_torchrun() -> None:
     assert command[6:] == ["-m", "cmedl", "train", "--config", "c.json"]
 
 
+def test_a_process_that_cannot_start_leaves_no_run_folder(small_phantoms: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot start"):
+        start_training(tiny(name="nope"), folders_of(small_phantoms / "ct"), tmp_path, str(tmp_path / "no-python"))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="not a usable run name"):
+        start_training(tiny(name="two words"), folders_of(small_phantoms / "ct"), tmp_path, sys.executable)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        start_training(tiny(patch_size=48), folders_of(small_phantoms / "ct"), tmp_path, sys.executable)
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- reading run folders -----------------------------------------------------------------------------------
 
 
@@ -216,6 +227,13 @@ def test_a_failed_run_shows_the_engines_one_line_error(tmp_path: Path) -> None:
     write_json(run / LAUNCHER_RECORD, {**record, "mode": "resume", "log_offset": len(old)})
     snapshot = read_run(run)
     assert snapshot.state == "stopped" and snapshot.error == ""
+    # A resume the engine refused at once leaves the older status behind: the new error says what happened.
+    write_json(run / LAUNCHER_RECORD, {**record, "mode": "resume", "log_offset": len(old),
+                                       "started": "2026-01-03T00:00:00+00:00"})  # fmt: skip
+    with open(run / CONSOLE_LOG, "a", encoding="utf-8") as log:
+        log.write("cmedl: error: checkpoint RUN/checkpoint.pt cannot be read: truncated\n")
+    snapshot = read_run(run)
+    assert snapshot.state == "failed" and snapshot.error == "checkpoint RUN/checkpoint.pt cannot be read: truncated"
 
 
 def test_a_reused_pid_is_not_the_run_and_a_vanished_run_is_interrupted(tmp_path: Path) -> None:
@@ -231,9 +249,9 @@ def test_a_reused_pid_is_not_the_run_and_a_vanished_run_is_interrupted(tmp_path:
 
 
 def test_runs_are_listed_newest_first(tmp_path: Path) -> None:
-    for index, name in enumerate(("b-old", "a-new", "c-mid")):
+    for name, age in (("b-old", 100), ("a-new", 80), ("c-mid", 90)):
         write_json(tmp_path / name / "status.json", {"state": "finished"})
-        stamp = time.time() - 100 + {"b-old": 0, "c-mid": 10, "a-new": 20}[name]
+        stamp = time.time() - age
         os.utime(tmp_path / name / "status.json", (stamp, stamp))
     (tmp_path / "not-a-run").mkdir()
     assert [path.name for path in list_runs(tmp_path)] == ["a-new", "c-mid", "b-old"]
@@ -356,3 +374,30 @@ def test_a_run_the_engine_refuses_shows_its_error(small_phantoms: Path, tmp_path
     assert snapshot.error.startswith("none of the") and "contains a tumour" in snapshot.error
     assert "cmedl: error: none of the" in (run / CONSOLE_LOG).read_text()
     assert not snapshot.resumable
+
+
+def test_several_processes_run_under_torchrun_and_stop_together(small_phantoms: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("this PyTorch build has no torch.distributed with the Gloo backend")
+    settings = tiny(epochs=300, gpus=2, name="two-processes")  # on the CPU: two Gloo processes
+    run = start_training(settings, folders_of(small_phantoms / "ct"), tmp_path, sys.executable)
+    try:
+        deadline = time.monotonic() + 300
+        snapshot = read_run(run)
+        while snapshot.epoch < 1:
+            assert snapshot.alive, (snapshot.state, snapshot.error, (run / CONSOLE_LOG).read_text()[-3000:])
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.2)
+            snapshot = read_run(run)
+        record = json.loads((run / LAUNCHER_RECORD).read_text())
+        assert record["command"][1:3] == ["-m", "torch.distributed.run"] and record["gpus"] == 2
+        assert snapshot.status["world_size"] == 2 and snapshot.status["pid"] != record["pid"]
+        assert request_stop(run)
+        stopped = wait_for_run(run, timeout=120)
+    finally:
+        kill_run(run, grace_seconds=2.0)
+    assert stopped.state == "stopped" and stopped.resumable, stopped.error
+    log = (run / CONSOLE_LOG).read_text()
+    # Both processes stopped by themselves in the same epoch; torchrun had nothing to kill.
+    assert log.count(f"{run}: stopped") == 2 and "SignalException" not in log and "error" not in log.lower()

@@ -129,9 +129,7 @@ def node_geometry_lps(volume) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lps[:3, 3], spacing, (lps[:3, :3] / spacing).flatten()
 
 
-def test_the_ct_and_its_segment_are_added_as_nifti_with_the_nodes_geometry(
-    mrml, oblique_case, tmp_path: Path
-) -> None:
+def test_the_ct_and_its_segment_are_added_as_nifti_with_the_nodes_geometry(mrml, oblique_case, tmp_path: Path) -> None:
     from CMEDLTrainLib.dataset_export import add_case, segment_ids_and_names
 
     image, mask = oblique_case
@@ -148,7 +146,8 @@ def test_the_ct_and_its_segment_are_added_as_nifti_with_the_nodes_geometry(
         np.testing.assert_allclose(written.GetSpacing(), spacing, atol=1e-5)
         np.testing.assert_allclose(written.GetDirection(), direction, atol=1e-5)
         assert written.GetSize() == image.GetSize()
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(added.image))), sitk.GetArrayFromImage(image))
+    voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(added.image)))
+    np.testing.assert_array_equal(voxels, sitk.GetArrayFromImage(image))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(added.label))), mask.astype(np.uint8))
     assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # the export node is gone
     # The engine's data check accepts the new case as it is.

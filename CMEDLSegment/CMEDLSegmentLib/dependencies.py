@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 
 MINIMUM_TORCH = "2.2"
+# The extension's requirements; CMake installs module resources beside the Lib packages, as in the source tree.
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "CMEDLRequirements.txt"
 
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:>=\s*([0-9][0-9A-Za-z.]*))?\s*$")
 
@@ -61,7 +63,7 @@ def torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def ensure_dependencies(requirements_path: str | Path, requester: str = "CMEDL") -> bool:
+def ensure_dependencies(requirements_path: str | Path = REQUIREMENTS_FILE, requester: str = "CMEDL") -> bool:
     """Inside Slicer: install what is missing after one confirmation; False when the user declined.
 
     Raises ``RuntimeError`` with a one-line message when an installation fails or needs the PyTorch

@@ -159,7 +159,12 @@ def _launch(
         "log_offset": offset,
         "history": [*previous.get("history", []), *([_without_history(previous)] if previous else [])],
     }
-    RunFolder(run_path).write_json(LAUNCHER_RECORD, record)
+    try:
+        RunFolder(run_path).write_json(LAUNCHER_RECORD, record)
+    except BaseException:
+        # A run nobody could find again must not go on in the background.
+        terminate_tree(pid, grace_seconds=5.0, create_time=record["create_time"])
+        raise
     return pid
 
 
@@ -171,19 +176,34 @@ def request_stop(run_path: str | Path) -> bool:
     """Ask the run's process to stop after its current iteration (SIGTERM); False when it is not running.
 
     The engine keeps the checkpoint of the last finished epoch and marks the run ``stopped``; follow it with
-    :func:`CMEDLTrainLib.runs.read_run` (state ``stopping`` until the process has exited).
+    :func:`CMEDLTrainLib.runs.read_run` (state ``stopping`` until the process has exited). Windows has no
+    polite request: the process ends at once and the run reads ``interrupted``, resumable from its last
+    finished epoch.
     """
     run_path = Path(run_path)
     record = read_launch_record(run_path)
     if not record_alive(record):
         return False
     try:
-        psutil.Process(int(record["pid"])).terminate()
+        psutil.Process(_stop_target(run_path, int(record["pid"]))).terminate()
     except psutil.NoSuchProcess:
         return False
     record["stop_requested"] = _now()
     RunFolder(run_path).write_json(LAUNCHER_RECORD, record)
     return True
+
+
+def _stop_target(run_path: Path, pid: int) -> int:
+    """The process to ask: under torchrun the rank-0 worker (it tells the others, and torchrun then ends
+    normally), found as the pid in ``status.json`` when that is a descendant of the launched process."""
+    worker = read_json_quietly(RunFolder(run_path).status_path).get("pid")
+    if not isinstance(worker, int) or worker == pid:
+        return pid
+    try:
+        descendants = {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return pid
+    return worker if worker in descendants else pid
 
 
 def kill_run(run_path: str | Path, grace_seconds: float = 10.0) -> bool:

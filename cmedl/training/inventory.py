@@ -385,8 +385,17 @@ class _Header:
     def of(cls, image: sitk.Image) -> _Header:
         return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), image.GetDirection())
 
+    def same_grid(self, other: _Header) -> bool:
+        """Stored the same way (size, origin, spacing, direction), within the tolerance the engine allows."""
+        return self.size == other.size and all(
+            np.allclose(mine, theirs, atol=GRID_TOLERANCE_MM)
+            for mine, theirs in ((self.origin, other.origin), (self.spacing, other.spacing),
+                                 (self.direction, other.direction))
+        )  # fmt: skip
+
     def corners(self) -> np.ndarray:
-        """The physical positions (mm) of the 8 corner voxel centres, sorted, as an (8, 3) array."""
+        """The physical positions (mm) of the 8 corner voxel centres, sorted, as an (8, 3) array: equal for
+        two images on one grid whatever order their axes are stored in."""
         direction = np.array(self.direction).reshape(3, 3)
         spacing, origin = np.array(self.spacing), np.array(self.origin)
         extents = [(0, n - 1) for n in self.size]
@@ -455,7 +464,7 @@ def _check_label(label_path: Path, image: _Header) -> tuple[str, int | None]:
     label = _Header.of(label_image)
     if sorted(label.size) != sorted(image.size):
         return f"size {label.size} differs from the image's {image.size}", None
-    if not np.allclose(label.corners(), image.corners(), atol=GRID_TOLERANCE_MM + 1e-3):
+    if not (label.same_grid(image) or np.allclose(label.corners(), image.corners(), atol=GRID_TOLERANCE_MM + 1e-3)):
         return "not on the image's grid (its corners lie elsewhere in space)", None
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(label_image)))
     return "", voxels
