@@ -414,16 +414,11 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.demo import run_demo
+    from cmedl.demo import demo_report, run_demo
 
     summary = run_demo(Path(args.out), seed=args.seed, device=args.device, progress=progress)
     progress.done(summary)
-    print(
-        f"demo: Dice {summary['dice']:.3f} against the phantom's truth, tumour {summary['tumour_volume_ml']:.1f} mL "
-        f"(truth {summary['truth_volume_ml']:.1f} mL), segmented in {summary['segment_seconds']:.1f} s, "
-        f"total {summary['total_seconds']:.1f} s\n"
-        f"      result {summary['output']}\n      overlay {summary['overlay']}"
-    )
+    print(demo_report(summary))
     return 0
 
 

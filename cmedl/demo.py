@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from cmedl.catalogue import builtin_model_path
+from cmedl.catalogue import builtin_model_path, peek_model_card
 from cmedl.metrics import dice
 from cmedl.phantom import make_phantom
 from cmedl.progress import Progress
@@ -58,20 +58,27 @@ def _eroded(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_erosion(mask)
 
 
-def run_demo(out: Path, seed: int = 2026, device: str = "auto", progress: Progress | None = None) -> dict[str, Any]:
-    """Segment a fresh phantom with the built-in model; returns Dice, volumes, times and output paths."""
+def run_demo(
+    out: Path, seed: int = 2026, device: str = "auto", progress: Progress | None = None, size: int = 512
+) -> dict[str, Any]:
+    """Segment a fresh phantom with the built-in model; returns Dice, volumes, times, output paths and the model.
+
+    ``size`` is the phantom's in-plane matrix (512 like a clinical CT; smaller ones are quicker).
+    """
     progress = progress or Progress()
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     progress.update("phantom", 0, 1, "making a phantom CT")
-    case = make_phantom("ct", seed=seed)
+    case = make_phantom("ct", seed=seed, size=size)
     ct_path = write_volume(case.image, out / "phantom_ct.nii.gz")
     truth_path = write_labelmap(case.label, out / "phantom_truth.nii.gz")
     progress.update("phantom", 1, 1, "making a phantom CT")
 
     output = out / "phantom_ct_tumour.seg.nrrd"
     segment_started = time.perf_counter()
-    summary = segment_file(ct_path, output, builtin_model_path(), SegmentOptions(device=device), progress)
+    model_path = builtin_model_path()
+    card = peek_model_card(model_path)
+    summary = segment_file(ct_path, output, model_path, SegmentOptions(device=device), progress)
     segment_seconds = time.perf_counter() - segment_started
 
     prediction = read_volume(output)
@@ -91,4 +98,19 @@ def run_demo(out: Path, seed: int = 2026, device: str = "auto", progress: Progre
         "total_seconds": time.perf_counter() - started,
         "model": summary["model"],
         "model_sha256": summary["model_sha256"],
+        "model_method": card.get("method", "unknown"),
+        "model_training_data": card.get("training_data", {}),
     }
+
+
+def demo_report(summary: dict[str, Any]) -> str:
+    """What ``cmedl demo`` prints: the score, the outputs, and which model (and training method) produced them."""
+    method = {"cmedl": "CMEDL (CT student distilled from an MRI teacher)", "ct_only": "CT only (no MRI teacher)"}
+    trained = method.get(summary["model_method"], summary["model_method"])
+    return (
+        f"demo: Dice {summary['dice']:.3f} against the phantom's truth, tumour {summary['tumour_volume_ml']:.1f} mL "
+        f"(truth {summary['truth_volume_ml']:.1f} mL), segmented in {summary['segment_seconds']:.1f} s, "
+        f"total {summary['total_seconds']:.1f} s\n"
+        f"      model {summary['model']}, trained by {trained}\n"
+        f"      result {summary['output']}\n      overlay {summary['overlay']}"
+    )
