@@ -171,6 +171,7 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateApplyButton()
 
     def _updateApplyButton(self, caller=None, event=None) -> None:
+        self._refreshTargetSegments()
         if self._task is not None:
             self.ui.applyButton.text = "Cancel"
             self.ui.applyButton.toolTip = "Stop the segmentation; nothing is added to the scene"
@@ -182,6 +183,26 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = (
             "Segment the lung tumour" if ready else "Choose an input CT volume and a model first"
         )
+
+    def _refreshTargetSegments(self) -> None:
+        """List the output segmentation's segments; the first entry means "the model's label segment"."""
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        segments = []
+        if segmentation is not None:
+            content = segmentation.GetSegmentation()
+            segments = [(segmentId, content.GetSegment(segmentId).GetName()) for segmentId in content.GetSegmentIDs()]
+        current = self.ui.targetSegmentSelector.currentData
+        wanted = [("", "Segment named after the model's label")] + segments
+        shown = [(self.ui.targetSegmentSelector.itemData(i), self.ui.targetSegmentSelector.itemText(i))
+                 for i in range(self.ui.targetSegmentSelector.count)]  # fmt: skip
+        if shown == wanted:
+            return
+        self.ui.targetSegmentSelector.blockSignals(True)
+        self.ui.targetSegmentSelector.clear()
+        for segmentId, name in wanted:
+            self.ui.targetSegmentSelector.addItem(name, segmentId)
+        self.ui.targetSegmentSelector.setCurrentIndex(max(0, self.ui.targetSegmentSelector.findData(current or "")))
+        self.ui.targetSegmentSelector.blockSignals(False)
 
     # -- user settings (QSettings: they belong to the user, not to the scene) ---------------------------
 
@@ -356,7 +377,10 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         device = device or self.ui.deviceSelector.currentData
         self._device = device
         try:
-            self._task = self.logic.start(volume, resolve_model(entry.name), self._parameterNode, device)
+            self._task = self.logic.start(
+                volume, resolve_model(entry.name), self._parameterNode, device,
+                segmentId=self.ui.targetSegmentSelector.currentData or None,
+            )  # fmt: skip
         except CMEDLError as error:
             self._showFailure(str(error), "")
             return
@@ -490,8 +514,11 @@ class CMEDLSegmentLogic(ScriptedLoadableModuleLogic):
 
         return "<pre>" + html.escape(model_card_text(entry)) + "</pre>"
 
-    def start(self, volumeNode, modelPath, parameters, device: str):
-        """Start a non-blocking run with the panel's settings; returns a task to poll."""
+    def start(self, volumeNode, modelPath, parameters, device: str, segmentId: str | None = None):
+        """Start a non-blocking run with the panel's settings; returns a task to poll.
+
+        ``segmentId`` names an existing segment of the output segmentation whose content the result replaces.
+        """
         from CMEDLSegmentLib.segment_logic import SegmentationSettings, TumourSegmentationLogic
 
         settings = SegmentationSettings(
@@ -503,7 +530,8 @@ class CMEDLSegmentLogic(ScriptedLoadableModuleLogic):
             batch_size=parameters.batchSize,
         )
         logic = TumourSegmentationLogic(slicer.mrmlScene, python_executable=self.enginePython())
-        return logic.start(volumeNode, settings, parameters.outputSegmentation)
+        segmentation = parameters.outputSegmentation
+        return logic.start(volumeNode, settings, segmentation, segmentId if segmentation is not None else None)
 
     def process(self, volumeNode, modelPath, outputSegmentation=None, device: str = "auto", timeout: float = 600):
         """Blocking segmentation for scripts and self-tests; returns the engine's outcome."""
