@@ -13,6 +13,37 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
+#: a CT-only training configuration that runs in seconds on a CPU (data and out paths added by each test)
+TINY = {
+    "segmentor": "unet",
+    "segmentor_options": {"base_channels": 4},
+    "patch_size": 64,
+    "spacing_mm": (3.0, 3.0),
+    "batch_size": 2,
+    "iterations_per_epoch": 3,
+    "epochs": 2,
+    "validation_fraction": 0.25,
+    "device": "cpu",
+}
+
+#: the same for CMEDL: a one-block generator, a random VGG16, few contextual-loss positions
+TINY_CMEDL = {
+    "method": "cmedl",
+    "segmentor": "unet",
+    "segmentor_options": {"base_channels": 4},
+    "translator_options": {"base_channels": 4, "n_blocks": 1},
+    "vgg_weights": "random",
+    "cx_max_positions": 64,
+    "patch_size": 64,
+    "spacing_mm": (4.0, 4.0),
+    "batch_size": 2,
+    "iterations_per_epoch": 2,
+    "epochs": 2,
+    "validation_fraction": 0.34,
+    "device": "cpu",
+}
+
+
 def shared_data(relative: str) -> Path:
     """Path of a file in ../shared/data; skips the test with a reason when it is absent."""
     path = SHARED_DATA / relative

@@ -8,28 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CMEDL
 
 from cmedl.modelfile import load_model
 from cmedl.training.config import TrainConfig
 from cmedl.training.objectives import CMEDLObjective, hint_loss
 from cmedl.training.runfolder import RunFolder
 from cmedl.training.trainer import Trainer
-
-TINY_CMEDL = {
-    "method": "cmedl",
-    "segmentor": "unet",
-    "segmentor_options": {"base_channels": 4},
-    "translator_options": {"base_channels": 4, "n_blocks": 1},
-    "vgg_weights": "random",
-    "cx_max_positions": 64,
-    "patch_size": 64,
-    "spacing_mm": (4.0, 4.0),
-    "batch_size": 2,
-    "iterations_per_epoch": 2,
-    "epochs": 2,
-    "validation_fraction": 0.34,
-    "device": "cpu",
-}
 
 
 @pytest.fixture(scope="module")

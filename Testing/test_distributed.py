@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, TINY_CMEDL
 
 from cmedl.errors import ConfigError
 from cmedl.training import distributed
@@ -26,34 +27,8 @@ from cmedl.training.config import TrainConfig
 from cmedl.training.objectives import CMEDLObjective, CTOnlyObjective
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ONE_EPOCH_CMEDL = {**TINY_CMEDL, "epochs": 1}
 
-TINY = {
-    "segmentor": "unet",
-    "segmentor_options": {"base_channels": 4},
-    "patch_size": 64,
-    "spacing_mm": (3.0, 3.0),
-    "batch_size": 2,
-    "iterations_per_epoch": 3,
-    "epochs": 2,
-    "validation_fraction": 0.25,
-    "device": "cpu",
-}
-
-TINY_CMEDL = {
-    "method": "cmedl",
-    "segmentor": "unet",
-    "segmentor_options": {"base_channels": 4},
-    "translator_options": {"base_channels": 4, "n_blocks": 1},
-    "vgg_weights": "random",
-    "cx_max_positions": 64,
-    "patch_size": 64,
-    "spacing_mm": (4.0, 4.0),
-    "batch_size": 2,
-    "iterations_per_epoch": 2,
-    "epochs": 1,
-    "validation_fraction": 0.34,
-    "device": "cpu",
-}
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -218,7 +193,7 @@ def test_a_two_process_cmedl_run_exports_student_and_translator(unpaired: Path, 
     from cmedl.training.runfolder import RunFolder
 
     out = tmp_path / "run"
-    settings = {**TINY_CMEDL, "ct": str(unpaired / "ct"), "mr": str(unpaired / "mr"), "out": str(out)}
+    settings = {**ONE_EPOCH_CMEDL, "ct": str(unpaired / "ct"), "mr": str(unpaired / "mr"), "out": str(out)}
     result = _train(_write_config(tmp_path / "config.json", settings))
     assert result.returncode == 0, result.stderr[-3000:]
     run = RunFolder(out)
@@ -264,7 +239,7 @@ def _batch(seed: int, labelled_mr: list[bool]) -> dict:
 
 def _objective(**changes) -> CMEDLObjective:
     torch.manual_seed(0)
-    config = TrainConfig.from_dict({**TINY_CMEDL, "ct": "ct", "mr": "mr", "out": "run", **changes}).validate()
+    config = TrainConfig.from_dict({**ONE_EPOCH_CMEDL, "ct": "ct", "mr": "mr", "out": "run", **changes}).validate()
     return CMEDLObjective(config, torch.device("cpu"), None)
 
 

@@ -13,25 +13,13 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import PROJECT_ROOT, run_cmedl
+from conftest import PROJECT_ROOT, TINY, run_cmedl
 
 from cmedl.errors import InputError, TrainingError
 from cmedl.modelfile import load_model
 from cmedl.training.config import TrainConfig
 from cmedl.training.runfolder import RunFolder
 from cmedl.training.trainer import Trainer
-
-TINY = {
-    "segmentor": "unet",
-    "segmentor_options": {"base_channels": 4},
-    "patch_size": 64,
-    "spacing_mm": (3.0, 3.0),
-    "batch_size": 2,
-    "iterations_per_epoch": 3,
-    "epochs": 2,
-    "validation_fraction": 0.25,
-    "device": "cpu",
-}
 
 
 def tiny_config(ct: Path, out: Path, **changes) -> TrainConfig:
