@@ -56,7 +56,7 @@ CATALOGUE_FORMAT = "cmedl-catalogue"
 CATALOGUE_VERSION = 1
 MODEL_SUFFIX = ".safetensors"
 
-# The same keys as in cmedl.modelfile, which cannot be imported here (it imports torch).
+# The model file's header keys; cmedl.modelfile (which imports torch) takes them from here.
 CARD_KEY = "cmedl.model_card"
 FORMAT_KEY = "cmedl.format"
 FORMAT_NAME = "cmedl-model"

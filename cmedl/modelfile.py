@@ -20,12 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cmedl import __version__
+
+# The header keys live beside the torch-free header reader that GUIs use, so they are defined once.
+from cmedl.catalogue import CARD_KEY, FORMAT_KEY, FORMAT_NAME
 from cmedl.errors import ConfigError, ModelFileError
 from cmedl.volumes import SegmentInfo, atomic_output
 
-CARD_KEY = "cmedl.model_card"
-FORMAT_KEY = "cmedl.format"
-FORMAT_NAME = "cmedl-model"
 FORMAT_VERSION = 1
 
 TRANSLATOR_KIND = "translator"
