@@ -1,0 +1,44 @@
+"""Turn the student a demo training run exported into the shipped demo model file.
+
+The weights are copied unchanged; only the model card gains what a user of the built-in model should read: what
+it is, what it was trained on (the phantom command instead of the run's temporary folders) and that it has never
+seen a patient. Used by ``train_demo_model.sh``.
+
+Usage: python Resources/Models/finish_demo_model.py RUN/model.safetensors Resources/Models/cmedl-demo-unet.safetensors
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cmedl.modelfile import load_model, save_model
+
+PHANTOM_COMMAND = "cmedl phantom data --ct 20 --mr 10 --seed 7 --size 256"
+
+DESCRIPTION = (
+    "Demonstration model: a narrow U-Net (base_channels 16), the CT student of a CMEDL run (CycleGAN with the "
+    "contextual loss, MRI teacher, hint losses) on unpaired synthetic phantoms ({command}: 20 labelled CTs, "
+    "10 MRIs). For demonstrations and tests; it has never seen a real CT or MRI and is not for clinical use. "
+    "Reproduce with Resources/Models/train_demo_model.sh."
+)
+
+
+def finish(run_model: Path, destination: Path) -> Path:
+    model = load_model(run_model)
+    card = model.card
+    if card.method != "cmedl":
+        raise SystemExit(f"{run_model} was trained by method {card.method!r}; the demo model is a CMEDL student")
+    card.description = DESCRIPTION.format(command=PHANTOM_COMMAND)
+    data = dict(card.training_data)
+    data["ct_folder"] = f"synthetic phantoms: {PHANTOM_COMMAND}, ct/"
+    data["mr_folder"] = f"synthetic phantoms: {PHANTOM_COMMAND}, mr/"
+    data["real_patients"] = 0
+    card.training_data = data
+    return save_model(destination, model.network, card)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__.strip().splitlines()[-1])
+    print(finish(Path(sys.argv[1]), Path(sys.argv[2])))
