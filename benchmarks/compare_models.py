@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from scipy.stats import wilcoxon
 
-from cmedl.metrics import segmentation_metrics
+from cmedl.evaluate import score_case
 from cmedl.modelfile import load_model
 from cmedl.phantom import write_phantom_dataset
 from cmedl.segment import Segmenter, SegmentOptions
@@ -45,15 +44,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def score(model_path: str, cases: list[tuple[Path, Path]], device: str, tolerance_mm: float) -> list[dict[str, Any]]:
-    model = load_model(model_path)
-    segmenter = Segmenter(model, SegmentOptions(device=device))
+    segmenter = Segmenter(load_model(model_path), SegmentOptions(device=device))
     rows = []
     for image_path, label_path in cases:
-        ct = read_volume(image_path)
-        prediction = sitk.GetArrayFromImage(segmenter.segment(ct).label) == 1
-        truth = sitk.GetArrayFromImage(read_volume(label_path)) > 0
-        metrics = segmentation_metrics(prediction, truth, ct.GetSpacing()[::-1], tolerance_mm)
-        rows.append({"case": image_path.name, **{key: float(value) for key, value in metrics.items()}})
+        label = segmenter.segment(read_volume(image_path)).label
+        case = score_case(label, read_volume(label_path), tolerance_mm, label=1, case=image_path.name)
+        rows.append({"case": case.case, "dice": case.dice, "surface_dice": case.surface_dice, "hd95": case.hd95_mm})
     return rows
 
 

@@ -1,7 +1,7 @@
 """The ``cmedl`` command line (also ``python -m cmedl``).
 
-Subcommands: ``segment``, ``translate``, ``lungs``, ``train``, ``phantom``, ``info``, ``models`` (``list``,
-``add``, ``remove``, ``download``, ``clear-cache``, ``path``), ``demo``, ``bench``.
+Subcommands: ``segment``, ``translate``, ``lungs``, ``train``, ``phantom``, ``info``, ``evaluate``, ``models``
+(``list``, ``add``, ``remove``, ``download``, ``clear-cache``, ``path``), ``demo``, ``bench``.
 Every failure a user can cause ends with one line on stderr (``cmedl: error: ...``) and an exit code
 that tells the outcomes apart (see :mod:`cmedl.errors`): 2 no lungs found, 3 bad input, 4 bad model
 file, 5 not a CT, 6 cannot write output, 7 bad configuration, 8 training failed, 130 cancelled.
@@ -294,6 +294,52 @@ def _run_info(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+# -- evaluate ----------------------------------------------------------------------------------------
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="score segmentations against reference labels: Dice, surface Dice, HD95, volumes"
+    )
+    parser.add_argument("predictions", help="a label file, or a folder of them")
+    parser.add_argument("references", help="the reference label file, or a folder matched by file name")
+    parser.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
+    parser.add_argument("--label", type=int, default=None, help="score only this label value of the predictions")
+    parser.add_argument("--strip", default="", help="suffix removed from prediction names before matching")
+    parser.add_argument("--csv", default=None, help="also write one row per case to this CSV file")
+    parser.add_argument("--json", action="store_true", help="print the cases and the summary as JSON")
+    _add_progress_flag(parser)
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.evaluate import evaluate, write_csv
+
+    report = evaluate(args.predictions, args.references, args.tolerance, args.label, args.strip, progress)
+    if args.csv:
+        write_csv(report, args.csv)
+    progress.done(report.summary())
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    print(f"{'case':<28} {'Dice':>7} {'sDSC':>7} {'HD95 mm':>9} {'pred mL':>9} {'ref mL':>9}")
+    for case in report.cases:
+        print(f"{case.case:<28} {case.dice:7.3f} {case.surface_dice:7.3f} {case.hd95_mm:9.1f} "
+              f"{case.predicted_ml:9.2f} {case.reference_ml:9.2f}")  # fmt: skip
+    summary = report.summary()
+    print(f"{summary['cases']} cases: Dice {summary['dice']['mean']:.3f} ± {summary['dice']['sd']:.3f}, "
+          f"surface Dice ({args.tolerance:g} mm) {summary['surface_dice']['mean']:.3f} ± "
+          f"{summary['surface_dice']['sd']:.3f}, HD95 {summary['hd95_mm']['mean']:.1f} ± "
+          f"{summary['hd95_mm']['sd']:.1f} mm")  # fmt: skip
+    if summary["hd95_undefined_cases"]:
+        print(f"HD95 left out of the mean for {summary['hd95_undefined_cases']} case(s) with an empty mask")
+    for name in report.missing_predictions:
+        print(f"no prediction for reference {name}")
+    for name in report.unmatched_predictions:
+        print(f"no reference for prediction {name}")
+    return 0
+
+
 # -- models ------------------------------------------------------------------------------------------
 
 
@@ -471,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_phantom,
         _add_info,
+        _add_evaluate,
         _add_models,
         _add_demo,
         _add_bench,

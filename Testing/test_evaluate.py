@@ -1,0 +1,176 @@
+"""Scoring segmentations against references: grids, pairing by name, the summary and the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import run_cmedl
+
+from cmedl.errors import InputError
+from cmedl.evaluate import evaluate, on_reference_grid, score_case
+from cmedl.metrics import segmentation_metrics
+
+
+def label_image(array: np.ndarray, spacing=(0.8, 0.8, 2.0), origin=(-40.0, -30.0, 10.0)) -> sitk.Image:
+    """A (z, y, x) uint8 array as an image with an oblique-free, non-zero-origin grid."""
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image
+
+
+def box(shape=(12, 40, 40), z=(3, 9), y=(10, 20), x=(10, 20), value: int = 1) -> np.ndarray:
+    array = np.zeros(shape, dtype=np.uint8)
+    array[z[0] : z[1], y[0] : y[1], x[0] : x[1]] = value
+    return array
+
+
+def test_two_overlapping_boxes_score_the_hand_computed_dice_and_volumes() -> None:
+    reference = label_image(box())  # 6 x 10 x 10 = 600 voxels
+    prediction = label_image(box(x=(15, 25)))  # same size, half of it overlapping: 300 voxels in common
+    score = score_case(prediction, reference, tolerance_mm=1.0)
+    assert score.dice == pytest.approx(2 * 300 / (600 + 600))
+    voxel_ml = 0.8 * 0.8 * 2.0 / 1000
+    assert score.predicted_ml == pytest.approx(600 * voxel_ml, abs=1e-3)
+    assert score.reference_ml == pytest.approx(600 * voxel_ml, abs=1e-3)
+    # the same numbers as the metrics module computes on the arrays with the reference's (z, y, x) spacing
+    expected = segmentation_metrics(box(x=(15, 25)) > 0, box() > 0, (2.0, 0.8, 0.8), 1.0)
+    assert score.surface_dice == pytest.approx(expected["surface_dice"])
+    assert score.hd95_mm == pytest.approx(expected["hd95"])
+    assert 0 < score.hd95_mm <= 5 * 0.8 + 1e-6
+
+
+def test_a_perfect_prediction_and_an_empty_one() -> None:
+    reference = label_image(box())
+    perfect = score_case(label_image(box()), reference, 2.0)
+    assert (perfect.dice, perfect.surface_dice, perfect.hd95_mm) == (1.0, 1.0, 0.0)
+    empty = score_case(label_image(np.zeros((12, 40, 40))), reference, 2.0)
+    assert empty.dice == 0.0 and math.isinf(empty.hd95_mm) and empty.predicted_ml == 0.0
+
+
+def test_only_the_chosen_label_of_a_multi_label_prediction_counts() -> None:
+    reference = label_image(box())
+    prediction = box() + box(x=(25, 35), value=2)  # label 1 exactly right, label 2 elsewhere
+    assert score_case(label_image(prediction), reference, 2.0, label=1).dice == 1.0
+    assert score_case(label_image(prediction), reference, 2.0).dice < 1.0
+
+
+def test_a_cropped_prediction_on_the_same_lattice_is_placed_exactly() -> None:
+    reference = label_image(box())
+    full = label_image(box(x=(15, 25)))
+    # crop to z 2..10, y 8..24, x 12..30 and keep the physical position, as Slicer does for .seg.nrrd
+    cropped = sitk.RegionOfInterest(full, (18, 16, 8), (12, 8, 2))
+    assert cropped.GetSize() != reference.GetSize()
+    placed = on_reference_grid(cropped, reference)
+    assert placed.GetSize() == reference.GetSize()
+    assert np.array_equal(sitk.GetArrayFromImage(placed), sitk.GetArrayFromImage(full))
+    assert score_case(cropped, reference, 2.0).dice == score_case(full, reference, 2.0).dice
+
+
+def test_a_prediction_on_another_lattice_is_refused() -> None:
+    reference = label_image(box())
+    with pytest.raises(InputError, match="not on the reference's voxel grid"):
+        score_case(label_image(box(), spacing=(1.0, 1.0, 2.0)), reference, 2.0)
+    with pytest.raises(InputError, match="fraction of a voxel"):
+        score_case(label_image(box(), origin=(-39.6, -30.0, 10.0)), reference, 2.0)
+
+
+def write_case(folder: Path, name: str, array: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    sitk.WriteImage(label_image(array), str(path), True)
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    references, predictions = tmp_path / "labels", tmp_path / "predictions"
+    write_case(references, "case_a.nii.gz", box())
+    write_case(references, "case_b.nii.gz", box(y=(20, 30)))
+    write_case(references, "case_c.nii.gz", box(z=(0, 4)))
+    write_case(predictions, "case_a_tumour.seg.nrrd", box())
+    write_case(predictions, "case_b_tumour.nrrd", box(y=(25, 35)))
+    write_case(predictions, "case_x_tumour.nii.gz", box())
+    return predictions, references
+
+
+def test_folders_are_paired_by_name_and_what_has_no_partner_is_listed(folders: tuple[Path, Path]) -> None:
+    predictions, references = folders
+    report = evaluate(predictions, references, tolerance_mm=2.0, strip="_tumour")
+    assert [case.case for case in report.cases] == ["case_a", "case_b"]
+    assert report.cases[0].dice == 1.0 and report.cases[1].dice == pytest.approx(0.5)
+    assert report.missing_predictions == ["case_c.nii.gz"]
+    assert report.unmatched_predictions == ["case_x_tumour.nii.gz"]
+    summary = report.summary()
+    assert summary["cases"] == 2 and summary["dice"]["mean"] == pytest.approx(0.75)
+    assert summary["dice"]["sd"] == pytest.approx(np.std([1.0, 0.5], ddof=1))
+    with pytest.raises(InputError, match="no prediction"):
+        evaluate(predictions, references)  # without --strip no name matches
+
+
+def test_two_predictions_for_one_case_are_refused(folders: tuple[Path, Path]) -> None:
+    predictions, references = folders
+    write_case(predictions, "case_a.nii.gz", box())
+    with pytest.raises(InputError, match="two predictions for case case_a"):
+        evaluate(predictions, references, strip="_tumour")
+
+
+def test_the_command_line_scores_folders_writes_a_csv_and_leaves_the_inputs_alone(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    predictions, references = folders
+    before = {path: path.read_bytes() for path in [*predictions.iterdir(), *references.iterdir()]}
+    table = tmp_path / "out" / "scores.csv"
+    result = run_cmedl(
+        "evaluate", str(predictions), str(references), "--strip", "_tumour", "--csv", str(table), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["summary"]["cases"] == 2 and printed["missing_predictions"] == ["case_c.nii.gz"]
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["case"] for row in rows] == ["case_a", "case_b"] and float(rows[1]["dice"]) == pytest.approx(0.5)
+    assert [p.name for p in table.parent.iterdir()] == ["scores.csv"]  # no temporary file left behind
+    assert {path: path.read_bytes() for path in before} == before
+    text = run_cmedl("evaluate", str(predictions), str(references), "--strip", "_tumour")
+    assert "2 cases: Dice 0.750" in text.stdout and "no prediction for reference case_c.nii.gz" in text.stdout
+
+
+def test_the_command_line_gives_one_line_for_bad_input(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    predictions, references = folders
+    missing = run_cmedl("evaluate", str(tmp_path / "nowhere"), str(references))
+    assert missing.returncode == 3 and missing.stderr.strip().count("\n") == 0 and "not found" in missing.stderr
+    mixed = run_cmedl("evaluate", str(predictions / "case_a_tumour.seg.nrrd"), str(references))
+    assert mixed.returncode == 3 and "two files or two folders" in mixed.stderr
+    bad_grid = write_case(tmp_path / "other", "case_a.nii.gz", box())
+    sitk.WriteImage(label_image(box(), spacing=(1.0, 1.0, 1.0)), str(bad_grid))
+    refused = run_cmedl("evaluate", str(bad_grid), str(references / "case_a.nii.gz"))
+    assert refused.returncode == 3 and "voxel grid" in refused.stderr
+
+
+def test_a_cmedl_segmentation_of_a_phantom_scores_like_the_metrics_on_its_arrays(tmp_path: Path) -> None:
+    from cmedl.phantom import make_phantom
+    from cmedl.reference_models import write_threshold_model
+    from cmedl.volumes import write_labelmap, write_volume
+
+    case = make_phantom("ct", seed=5, size=96, slices=10)
+    ct = write_volume(case.image, tmp_path / "ct.nii.gz")
+    truth = write_labelmap(case.label, tmp_path / "truth.nii.gz")
+    model = write_threshold_model(tmp_path / "threshold.safetensors")
+    output = tmp_path / "ct_tumour.seg.nrrd"
+    segmented = run_cmedl("segment", str(ct), "-o", str(output), "--model", str(model), "--device", "cpu")
+    assert segmented.returncode == 0, segmented.stderr
+    scored = run_cmedl("evaluate", str(output), str(truth), "--tolerance", "1.5", "--json")
+    assert scored.returncode == 0, scored.stderr
+    case_score = json.loads(scored.stdout)["cases"][0]
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(output))) > 0
+    truth_array = sitk.GetArrayFromImage(case.label) > 0
+    expected = segmentation_metrics(prediction, truth_array, case.image.GetSpacing()[::-1], 1.5)
+    assert case_score["dice"] == pytest.approx(expected["dice"])
+    assert case_score["surface_dice"] == pytest.approx(expected["surface_dice"])

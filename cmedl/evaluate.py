@@ -1,0 +1,218 @@
+"""Scoring segmentations against reference labels, one case or two folders matched by file name.
+
+A prediction is scored on its reference's voxel grid: Dice, surface Dice at a tolerance (mm) and HD95 (mm) from
+:mod:`cmedl.metrics`, computed in 3D with the reference's spacing, plus both volumes in mL. A prediction that
+lies on the same voxel lattice but covers a different extent (a ``.seg.nrrd`` saved by Slicer is cropped to its
+content) is placed on the reference grid exactly; one on another lattice (other spacing, orientation or a
+sub-voxel shift) is refused, since resampling a label map would change the score being measured.
+
+Folders are matched by file stem (``case_001.nii.gz`` <-> ``case_001.seg.nrrd``); ``strip`` removes a suffix
+from prediction stems first (``case_001_tumour`` -> ``case_001``). References without a prediction are listed and
+left out of the summary; so are predictions without a reference.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from cmedl.errors import InputError
+from cmedl.metrics import segmentation_metrics
+from cmedl.progress import Progress
+from cmedl.volumes import atomic_output, list_volumes, read_volume, same_geometry, stem_of
+
+#: how far (in voxels) a prediction's grid may be from the reference's lattice and still count as on it
+LATTICE_TOLERANCE_VOXELS = 1e-3
+
+
+@dataclass
+class CaseScore:
+    """The scores of one prediction against its reference. HD95 is inf when exactly one mask is empty."""
+
+    case: str
+    prediction: str
+    reference: str
+    dice: float
+    surface_dice: float
+    hd95_mm: float
+    predicted_ml: float
+    reference_ml: float
+
+
+@dataclass
+class EvaluationReport:
+    """Per-case scores of two folders (or files) and what could not be paired."""
+
+    tolerance_mm: float
+    cases: list[CaseScore] = field(default_factory=list)
+    missing_predictions: list[str] = field(default_factory=list)
+    unmatched_predictions: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Means and sample SDs over the scored cases; HD95 over the cases where it is finite."""
+        hd95 = [c.hd95_mm for c in self.cases if math.isfinite(c.hd95_mm)]
+        return {
+            "cases": len(self.cases),
+            "dice": _mean_sd([c.dice for c in self.cases if not math.isnan(c.dice)]),
+            "surface_dice": _mean_sd([c.surface_dice for c in self.cases if not math.isnan(c.surface_dice)]),
+            "hd95_mm": _mean_sd(hd95),
+            "hd95_undefined_cases": len(self.cases) - len(hd95),
+            "tolerance_mm": self.tolerance_mm,
+            "missing_predictions": len(self.missing_predictions),
+            "unmatched_predictions": len(self.unmatched_predictions),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary(),
+            "cases": [asdict(case) for case in self.cases],
+            "missing_predictions": self.missing_predictions,
+            "unmatched_predictions": self.unmatched_predictions,
+        }
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "sd": float("nan")}
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def on_reference_grid(prediction: sitk.Image, reference: sitk.Image, name: str = "prediction") -> sitk.Image:
+    """``prediction`` on ``reference``'s grid: unchanged, or re-placed exactly when only the extent differs.
+
+    Raises :class:`InputError` when the two grids are different lattices.
+    """
+    if same_geometry(prediction, reference):
+        return prediction
+    spacing = np.array(reference.GetSpacing())
+    if not (
+        np.allclose(prediction.GetSpacing(), spacing, rtol=1e-5, atol=1e-6)
+        and np.allclose(prediction.GetDirection(), reference.GetDirection(), atol=1e-5)
+    ):
+        raise InputError(
+            f"{name} is not on the reference's voxel grid (spacing {_rounded(prediction.GetSpacing())} vs "
+            f"{_rounded(reference.GetSpacing())} mm, or another orientation); save it on the CT's grid"
+        )
+    # The prediction's first voxel in reference voxel coordinates must be a whole number of voxels away.
+    offset = np.array(reference.TransformPhysicalPointToContinuousIndex(prediction.GetOrigin()))
+    if np.abs(offset - np.round(offset)).max() > LATTICE_TOLERANCE_VOXELS:
+        raise InputError(
+            f"{name} is shifted by a fraction of a voxel from the reference's grid; save it on the CT's grid"
+        )
+    # Nearest neighbour on the same lattice copies voxels one to one; outside the prediction's extent it is 0.
+    return sitk.Resample(prediction, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, prediction.GetPixelID())
+
+
+def _rounded(values: tuple[float, ...]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def score_case(
+    prediction: sitk.Image,
+    reference: sitk.Image,
+    tolerance_mm: float,
+    label: int | None = None,
+    case: str = "case",
+    names: tuple[str, str] = ("", ""),
+) -> CaseScore:
+    """Score one prediction against one reference.
+
+    Args:
+        prediction, reference: label volumes; voxels > 0 are foreground, or ``== label`` when a label is given
+            (the reference is always taken as > 0).
+        tolerance_mm: surface Dice tolerance.
+    """
+    prediction = on_reference_grid(prediction, reference, names[0] or "prediction")
+    predicted = sitk.GetArrayViewFromImage(prediction)
+    predicted = predicted > 0 if label is None else predicted == label
+    truth = sitk.GetArrayViewFromImage(reference) > 0
+    metrics = segmentation_metrics(predicted, truth, reference.GetSpacing()[::-1], tolerance_mm)
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+    return CaseScore(
+        case=case,
+        prediction=names[0],
+        reference=names[1],
+        dice=metrics["dice"],
+        surface_dice=metrics["surface_dice"],
+        hd95_mm=metrics["hd95"],
+        predicted_ml=round(float(np.count_nonzero(predicted)) * voxel_ml, 3),
+        reference_ml=round(float(np.count_nonzero(truth)) * voxel_ml, 3),
+    )
+
+
+Pair = tuple[str, Path, Path]
+
+
+def pair_volumes(predictions: Path, references: Path, strip: str = "") -> tuple[list[Pair], list[str], list[str]]:
+    """``(case, prediction, reference)`` triples, references without a prediction, predictions without a reference.
+
+    Two files make one pair; two folders are matched by stem; a file and a folder is an error.
+    """
+    if predictions.is_file() and references.is_file():
+        return [(stem_of(references), predictions, references)], [], []
+    if not (predictions.is_dir() and references.is_dir()):
+        for path in (predictions, references):
+            if not path.exists():
+                raise InputError(f"not found: {path}")
+        raise InputError("give two files or two folders (predictions, references)")
+    by_stem: dict[str, Path] = {}
+    for path in list_volumes(predictions):
+        stem = stem_of(path)
+        if strip and stem.endswith(strip):
+            stem = stem[: -len(strip)]
+        if stem in by_stem:
+            raise InputError(f"two predictions for case {stem}: {by_stem[stem].name} and {path.name}")
+        by_stem[stem] = path
+    pairs, missing = [], []
+    for reference in list_volumes(references):
+        stem = stem_of(reference)
+        if stem in by_stem:
+            pairs.append((stem, by_stem.pop(stem), reference))
+        else:
+            missing.append(reference.name)
+    if not pairs:
+        raise InputError(f"no prediction in {predictions} has the name of a reference in {references}")
+    return pairs, missing, sorted(path.name for path in by_stem.values())
+
+
+def evaluate(
+    predictions: str | Path,
+    references: str | Path,
+    tolerance_mm: float = 2.0,
+    label: int | None = None,
+    strip: str = "",
+    progress: Progress | None = None,
+) -> EvaluationReport:
+    """Score every prediction that has a reference (two files, or two folders matched by name)."""
+    if not tolerance_mm > 0:
+        raise InputError(f"the surface Dice tolerance must be positive, got {tolerance_mm} mm")
+    progress = progress or Progress()
+    pairs, missing, unmatched = pair_volumes(Path(predictions), Path(references), strip)
+    report = EvaluationReport(tolerance_mm=tolerance_mm, missing_predictions=missing, unmatched_predictions=unmatched)
+    for index, (case, prediction_path, reference_path) in enumerate(pairs):
+        progress.update("evaluate", index, len(pairs), "cases")
+        progress.check_cancelled()
+        names = (prediction_path.name, reference_path.name)
+        report.cases.append(
+            score_case(read_volume(prediction_path), read_volume(reference_path), tolerance_mm, label, case, names)
+        )
+    progress.update("evaluate", len(pairs), len(pairs), "cases")
+    return report
+
+
+def write_csv(report: EvaluationReport, path: str | Path) -> Path:
+    """One row per scored case (the columns of :class:`CaseScore`), written atomically."""
+    path = Path(path)
+    columns = list(CaseScore.__dataclass_fields__)
+    with atomic_output(path) as temp, open(temp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for case in report.cases:
+            writer.writerow(asdict(case))
+    return path
