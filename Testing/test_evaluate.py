@@ -174,3 +174,66 @@ def test_a_cmedl_segmentation_of_a_phantom_scores_like_the_metrics_on_its_arrays
     expected = segmentation_metrics(prediction, truth_array, case.image.GetSpacing()[::-1], 1.5)
     assert case_score["dice"] == pytest.approx(expected["dice"])
     assert case_score["surface_dice"] == pytest.approx(expected["surface_dice"])
+
+
+# -- synthesised images: KL divergence, PSNR, SSIM --------------------------------------------------------
+
+
+def test_image_similarity_of_identical_and_of_hand_computed_images() -> None:
+    from cmedl.image_similarity import image_similarity, intensity_kl_divergence, unit_scale
+
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0, 1000, size=(3, 32, 32)).astype(np.float32)
+    same = image_similarity(real, real.copy())
+    assert same["kl_divergence"] == pytest.approx(0.0, abs=1e-9) and math.isinf(same["psnr_db"])
+    assert same["ssim"] == pytest.approx(1.0)
+    # scale does not matter: both images go to [0, 1] by their own 99.5th percentile
+    assert image_similarity(real, real * 3.0)["ssim"] == pytest.approx(1.0, abs=1e-5)
+    # PSNR of a uniform 0.1 offset on the unit scale: 10 log10(1 / 0.01) = 20 dB
+    scaled = unit_scale(real)
+    offset = np.clip(scaled + 0.1, 0, 1)
+    expected_mse = float(np.mean((offset - scaled) ** 2))
+    from skimage.metrics import peak_signal_noise_ratio
+
+    assert peak_signal_noise_ratio(scaled, offset, data_range=1.0) == pytest.approx(10 * np.log10(1 / expected_mse))
+    # KL of two histograms, one bin each way: half the voxels in bin 0 and half in bin 1 against all in bin 0
+    p = np.array([0.0] * 50 + [0.99] * 50)
+    q = np.zeros(100)
+    eps = 1e-6
+    p_bins = np.array([50 + eps, 50 + eps]) / (100 + 2 * eps)
+    q_bins = np.array([100 + eps, eps]) / (100 + 2 * eps)
+    assert intensity_kl_divergence(p, q, bins=2) == pytest.approx(float(np.sum(p_bins * np.log(p_bins / q_bins))))
+    assert intensity_kl_divergence(p, q, bins=2) != pytest.approx(intensity_kl_divergence(q, p, bins=2))
+
+
+def test_an_mri_phantom_is_closer_to_its_own_anatomy_than_a_ct_of_it_is() -> None:
+    from cmedl.evaluate import score_translation
+    from cmedl.phantom import make_phantom
+
+    mr = make_phantom("mr", seed=12, size=96, slices=8).image
+    other_mr = make_phantom("mr", seed=12, size=96, slices=8).image  # bit-identical: the same anatomy and noise
+    ct = make_phantom("ct", seed=12, size=96, slices=8).image  # same anatomy, CT contrast
+    identical = score_translation(other_mr, mr)
+    assert math.isinf(identical.psnr_db) and identical.ssim == pytest.approx(1.0)
+    wrong_contrast = score_translation(sitk.Cast(ct, sitk.sitkFloat32) + 1024.0, mr)
+    assert wrong_contrast.ssim < 0.9 and wrong_contrast.kl_divergence > 0.01
+
+
+def test_the_command_line_compares_a_pseudo_mri_with_the_real_mri(tmp_path: Path) -> None:
+    from cmedl.phantom import make_phantom
+    from cmedl.volumes import write_volume
+
+    mr = write_volume(make_phantom("mr", seed=3, size=96, slices=8).image, tmp_path / "real" / "case.nii.gz")
+    blurred = sitk.SmoothingRecursiveGaussian(sitk.ReadImage(str(mr), sitk.sitkFloat32), 2.0)
+    write_volume(blurred, tmp_path / "pseudo" / "case.nii.gz")
+    result = run_cmedl("evaluate", "--images", str(tmp_path / "pseudo"), str(tmp_path / "real"), "--json")
+    assert result.returncode == 0, result.stderr
+    case = json.loads(result.stdout)["cases"][0]
+    assert 0 < case["ssim"] < 1 and 10 < case["psnr_db"] < 60 and case["kl_divergence"] > 0
+    shifted = sitk.ReadImage(str(tmp_path / "pseudo" / "case.nii.gz"))
+    shifted.SetOrigin((0.0, 0.0, 0.0))
+    write_volume(shifted, tmp_path / "moved.nii.gz")
+    refused = run_cmedl("evaluate", "--images", str(tmp_path / "moved.nii.gz"), str(mr))
+    assert refused.returncode == 3 and "not on the real image's grid" in refused.stderr
+    wrong = run_cmedl("evaluate", "--images", "--csv", str(tmp_path / "x.csv"), str(mr), str(mr))
+    assert wrong.returncode == 3 and not (tmp_path / "x.csv").exists()

@@ -301,20 +301,41 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "evaluate", help="score segmentations against reference labels: Dice, surface Dice, HD95, volumes"
     )
-    parser.add_argument("predictions", help="a label file, or a folder of them")
+    parser.add_argument("predictions", help="a label file, or a folder of them (with --images: synthesised images)")
     parser.add_argument("references", help="the reference label file, or a folder matched by file name")
     parser.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     parser.add_argument("--label", type=int, default=None, help="score only this label value of the predictions")
     parser.add_argument("--strip", default="", help="suffix removed from prediction names before matching")
     parser.add_argument("--csv", default=None, help="also write one row per case to this CSV file")
     parser.add_argument("--json", action="store_true", help="print the cases and the summary as JSON")
+    parser.add_argument(
+        "--images",
+        action="store_true",
+        help="compare synthesised images (pseudo-MRI) with real images instead: KL divergence, PSNR, SSIM",
+    )
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.evaluate import evaluate, write_csv
+    from cmedl.evaluate import evaluate, evaluate_translations, write_csv
 
+    if args.images:
+        if args.csv or args.label is not None:
+            raise InputError("--csv and --label apply to label maps, not to --images")
+        result = evaluate_translations(args.predictions, args.references, args.strip, progress)
+        progress.done(result["summary"])
+        if args.json:
+            _print_json(result)
+            return 0
+        print(f"{'case':<28} {'KL nats':>8} {'PSNR dB':>8} {'SSIM':>7}")
+        for case in result["cases"]:
+            print(f"{case['case']:<28} {case['kl_divergence']:8.4f} {case['psnr_db']:8.2f} {case['ssim']:7.4f}")
+        summary = result["summary"]
+        kl, psnr, ssim = summary["kl_divergence"], summary["psnr_db"], summary["ssim"]
+        print(f"{summary['cases']} cases: KL {kl['mean']:.4f} ± {kl['sd']:.4f}, PSNR {psnr['mean']:.2f} ± "
+              f"{psnr['sd']:.2f} dB, SSIM {ssim['mean']:.4f} ± {ssim['sd']:.4f}")  # fmt: skip
+        return 0
     report = evaluate(args.predictions, args.references, args.tolerance, args.label, args.strip, progress)
     if args.csv:
         write_csv(report, args.csv)

@@ -9,6 +9,9 @@ sub-voxel shift) is refused, since resampling a label map would change the score
 Folders are matched by file stem (``case_001.nii.gz`` <-> ``case_001.seg.nrrd``); ``strip`` removes a suffix
 from prediction stems first (``case_001_tumour`` -> ``case_001``). References without a prediction are listed and
 left out of the summary; so are predictions without a reference.
+
+Synthesised images (pseudo-MRI from ``cmedl translate``) are scored against real images of the same anatomy on
+the same grid with :mod:`cmedl.image_similarity`: KL divergence of intensities, PSNR and SSIM.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cmedl.errors import InputError
+from cmedl.image_similarity import image_similarity
 from cmedl.metrics import segmentation_metrics
 from cmedl.progress import Progress
 from cmedl.volumes import atomic_output, list_volumes, read_volume, same_geometry, stem_of
@@ -216,3 +220,62 @@ def write_csv(report: EvaluationReport, path: str | Path) -> Path:
         for case in report.cases:
             writer.writerow(asdict(case))
     return path
+
+
+@dataclass
+class TranslationScore:
+    """Similarity of one synthesised image to the real image of the same anatomy."""
+
+    case: str
+    synthetic: str
+    real: str
+    kl_divergence: float
+    psnr_db: float
+    ssim: float
+
+
+def score_translation(synthetic: sitk.Image, real: sitk.Image, mask: sitk.Image | None = None,
+                      case: str = "case", names: tuple[str, str] = ("", "")) -> TranslationScore:  # fmt: skip
+    """KL divergence, PSNR and SSIM of ``synthetic`` against ``real`` (same grid; voxels of ``mask`` > 0 only)."""
+    if not same_geometry(synthetic, real):
+        raise InputError(f"{names[0] or 'the synthetic image'} is not on the real image's grid; compare images "
+                         f"of the same anatomy on the same grid")  # fmt: skip
+    mask_array = None
+    if mask is not None:
+        if not same_geometry(mask, real):
+            raise InputError("the mask is not on the real image's grid")
+        mask_array = sitk.GetArrayViewFromImage(mask) > 0
+    try:
+        scores = image_similarity(sitk.GetArrayViewFromImage(real), sitk.GetArrayViewFromImage(synthetic), mask_array)
+    except ValueError as error:
+        raise InputError(f"{names[0] or case}: {error}") from None
+    return TranslationScore(case=case, synthetic=names[0], real=names[1], **scores)
+
+
+def evaluate_translations(synthetic: str | Path, real: str | Path, strip: str = "",
+                          progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
+    """Score synthesised images against real ones (two files, or two folders matched by name like labels)."""
+    progress = progress or Progress()
+    pairs, missing, unmatched = pair_volumes(Path(synthetic), Path(real), strip)
+    cases = []
+    for index, (case, synthetic_path, real_path) in enumerate(pairs):
+        progress.update("evaluate", index, len(pairs), "cases")
+        progress.check_cancelled()
+        names = (synthetic_path.name, real_path.name)
+        cases.append(score_translation(read_volume(synthetic_path), read_volume(real_path), None, case, names))
+    progress.update("evaluate", len(pairs), len(pairs), "cases")
+    finite_psnr = [c.psnr_db for c in cases if math.isfinite(c.psnr_db)]
+    return {
+        "summary": {
+            "cases": len(cases),
+            "kl_divergence": _mean_sd([c.kl_divergence for c in cases]),
+            "psnr_db": _mean_sd(finite_psnr),
+            "identical_cases": len(cases) - len(finite_psnr),
+            "ssim": _mean_sd([c.ssim for c in cases]),
+            "missing_synthetic": len(missing),
+            "unmatched_synthetic": len(unmatched),
+        },
+        "cases": [asdict(c) for c in cases],
+        "missing_synthetic": missing,
+        "unmatched_synthetic": unmatched,
+    }
