@@ -58,15 +58,16 @@ from scipy.stats import wilcoxon
 
 import cmedl
 from cmedl import __version__
+from cmedl.evaluate import score_translation
 from cmedl.metrics import segmentation_metrics
 from cmedl.modelfile import LoadedModel, load_model
-from cmedl.phantom import write_phantom_dataset
+from cmedl.phantom import make_phantom, write_phantom_dataset
 from cmedl.progress import CallbackProgress
 from cmedl.segment import Segmenter, SegmentOptions
 from cmedl.training.config import TrainConfig
 from cmedl.training.runfolder import RunFolder
 from cmedl.training.trainer import Trainer
-from cmedl.translate import load_translator
+from cmedl.translate import load_translator, translate_volume
 from cmedl.volumes import read_volume, same_geometry
 
 METHODS = ("ct_only", "cmedl")
@@ -221,6 +222,8 @@ def held_out_cases(description: dict, folder: Path) -> list[dict]:
             "label": folder / case["label"],
             "tumours": case["tumours"],
             "spacing_mm": case["spacing_mm"],
+            "seed": case["seed"],
+            "size": case["size"],
         }
         for case in description["cases"]
         if case["modality"] == "ct"
@@ -327,6 +330,29 @@ def evaluate(model: LoadedModel, cases: list[dict], device: str, tolerance_mm: f
                 "seconds": round(result.seconds, 2),
             }
         )
+    return rows
+
+
+def translation_rows(translator_path: Path, cases: list[dict], device: str, paired_mr: dict) -> list[dict[str, Any]]:
+    """Pseudo-MRI of each test CT against the MRI phantom of the same anatomy (same phantom seed), in the body.
+
+    The CT itself (shifted so that air is 0) is scored against the same MRI too: the floor a translator has to
+    beat. ``paired_mr`` caches the MRI phantoms by case name across runs.
+    """
+    translator = load_translator(translator_path, device)
+    rows = []
+    for case in cases:
+        ct = read_volume(case["image"])
+        if case["name"] not in paired_mr:
+            paired_mr[case["name"]] = make_phantom("mr", case["seed"], size=int(case["size"][0])).image
+        mr = paired_mr[case["name"]]
+        body = sitk.Cast(ct > -500, sitk.sitkUInt8)
+        pseudo = translate_volume(ct, translator, torch.device(device))
+        untranslated = sitk.Cast(ct, sitk.sitkFloat32) + 1024.0
+        for source, image in (("pseudo_mri", pseudo), ("ct_as_is", untranslated)):
+            score = score_translation(image, mr, body, case=case["name"])
+            rows.append({"source": source, "case": case["name"], "kl_divergence": score.kl_divergence,
+                         "psnr_db": score.psnr_db, "ssim": score.ssim})  # fmt: skip
     return rows
 
 
@@ -464,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     rows: list[dict] = []
     configs: dict[str, dict] = {}
+    translations: list[dict] = []
+    paired_mr: dict[str, sitk.Image] = {}
     for seed in range(args.seeds):
         for method in METHODS:
             config = train_config(args, method, seed, folders, args.out / "runs" / f"{method}_seed{seed}")
@@ -478,12 +506,22 @@ def main(argv: list[str] | None = None) -> int:
                 teacher = teacher_model(Path(config.out) / "translator.safetensors", args.eval_device)
                 for row in evaluate(teacher, cases, args.eval_device, args.tolerance):
                     rows.append({"method": TEACHER_DIAGNOSTIC, "seed": seed, **row})
+                translator_path = Path(config.out) / "translator.safetensors"
+                for row in translation_rows(translator_path, cases, args.eval_device, paired_mr):
+                    translations.append({"seed": seed, **row})
 
     summaries = {
         method: summarise([r for r in rows if r["method"] == method], [r for r in runs if r["method"] == method])
         for method in (*METHODS, TEACHER_DIAGNOSTIC)
     }
     tests = {metric: paired_test(rows, metric) for metric in ("dice", "surface_dice")}
+    translation_summary = {
+        source: {
+            metric: mean_sd([r[metric] for r in translations if r["source"] == source and math.isfinite(r[metric])])
+            for metric in ("kl_divergence", "psnr_db", "ssim")
+        }
+        for source in ("pseudo_mri", "ct_as_is")
+    }
     steps = args.epochs * args.iterations
     total_minutes = (time.perf_counter() - started) / 60.0
 
@@ -506,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
             f"CT only better in {test['ct_only_better']}, ties {test['ties']}; "
             f"median difference {test['median_difference']:+.4f}"
         )
+    print()
+    print("Translation (diagnostic): each test CT's pseudo-MRI, and the CT itself, against the MRI phantom of the")
+    print("same anatomy, inside the body (HU > -500); KL(real || synthetic) of intensities, PSNR, mean slice SSIM:")
+    for source, summary in translation_summary.items():
+        print(f"  {source:<10} " + ", ".join(
+            f"{metric} {mean:.4f} ± {sd:.4f}" for metric, (mean, sd) in summary.items()))  # fmt: skip
     print()
     for seed in range(args.seeds):
         means = {
@@ -533,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "summary": summaries,
         "wilcoxon": tests,
+        "translation_summary": translation_summary,
+        "translations": translations,
         "runs": runs,
         "cases": rows,
         "total_wall_minutes": round(total_minutes, 2),
