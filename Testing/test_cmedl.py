@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import PROJECT_ROOT, TINY_CMEDL, run_cmedl
 
+from cmedl.errors import ConfigError
 from cmedl.modelfile import load_model
 from cmedl.training.config import TrainConfig
 from cmedl.training.objectives import CMEDLObjective, hint_loss
@@ -108,6 +109,26 @@ def test_hint_and_pmri_segmentation_reach_the_generator_only_when_asked() -> Non
         objective.step(random_batch())
         generators.append(parameters_of(objective.translator.g_ct_to_mr))
     assert any(not torch.equal(a, b) for a, b in zip(*generators))
+
+
+def test_the_hint_loss_waits_for_hint_start_epoch_and_is_logged_meanwhile() -> None:
+    delayed = objective_for(hint_start_epoch=1)
+    without = objective_for(lambda_hint=0.0)
+    losses = delayed.step(random_batch())
+    without.step(random_batch())
+    assert "hint" in losses  # computed and logged even while its weight is 0
+    # in the first epoch every network takes exactly the step it takes without any hint loss
+    for name in ("translator", "teacher", "student"):
+        assert all(torch.equal(a, b) for a, b in zip(delayed.networks[name].parameters(),
+                                                     without.networks[name].parameters())), name  # fmt: skip
+    delayed.end_epoch()
+    without.end_epoch()
+    assert delayed.hint_weight() == 1.0 and without.hint_weight() == 0.0
+    delayed.step(random_batch(seed=1))
+    without.step(random_batch(seed=1))
+    assert any(not torch.equal(a, b) for a, b in zip(delayed.student.parameters(), without.student.parameters()))
+    with pytest.raises(ConfigError, match="hint_start_epoch"):
+        TrainConfig.from_dict({**TINY_CMEDL, "ct": "ct", "mr": "mr", "out": "run", "hint_start_epoch": -1}).validate()
 
 
 def test_hint_reductions() -> None:

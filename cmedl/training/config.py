@@ -37,6 +37,9 @@ class TrainConfig:
       segmentors can lower L_hint by agreeing on features that carry no tumour information: on phantoms (small
       benchmark preset, 2,000 steps, one seed) L_hint fell from 1.2 to 0.02 within 400 steps while L_seg^CT stayed
       at 0.97 and the student never learned (best validation Dice 0.02); with False the same run reached 0.38.
+    - ``hint_start_epoch``: 0, the hint loss is on from the first epoch as in the paper. N > 0 keeps its weight at 0
+      for the first N epochs (it is still computed and logged), so that the translator and the teacher can learn
+      before the student is pulled toward the teacher's features.
     - ``lambda_identity``: 0 (the paper lists no identity term).
     - learning rates constant for the first ``1 - lr_decay_fraction`` of the epochs, then linear decay to 0
       (the CycleGAN schedule).
@@ -84,6 +87,7 @@ class TrainConfig:
     use_seg_pm: bool = True
     hint_reduction: str = "mean"
     hint_to_teacher: bool = False
+    hint_start_epoch: int = 0
     hint_to_generator: bool = True
     seg_pm_to_generator: bool = True
     lr_decay_fraction: float = 0.5
@@ -170,6 +174,8 @@ class TrainConfig:
             raise ConfigError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
         if self.hint_reduction not in ("mean", "sum"):
             raise ConfigError(f"hint_reduction must be mean or sum, got {self.hint_reduction!r}")
+        if self.hint_start_epoch < 0:
+            raise ConfigError(f"hint_start_epoch must be 0 or more, got {self.hint_start_epoch}")
         if self.gan_mode not in ("lsgan", "vanilla"):
             raise ConfigError(f"gan_mode must be lsgan or vanilla, got {self.gan_mode!r}")
         if not 0.0 <= self.lr_decay_fraction <= 1.0:

@@ -256,6 +256,15 @@ class CMEDLObjective(Objective):
             "student": self.student,
         }
 
+    def hint_weight(self) -> float:
+        """lambda_hint, or 0 while fewer than ``hint_start_epoch`` epochs have finished.
+
+        The count of finished epochs is the learning-rate schedule's, which checkpoints carry, so a resumed run
+        switches the hint on at the same epoch.
+        """
+        finished_epochs = self.schedulers["student"].last_epoch
+        return self.config.lambda_hint if finished_epochs >= self.config.hint_start_epoch else 0.0
+
     def _set_requires_grad(self, modules, flag: bool) -> None:
         for module in modules:
             for parameter in module.parameters():
@@ -296,7 +305,8 @@ class CMEDLObjective(Objective):
             contextual = self.contextual(pseudo_mr.float(), mr.float())
             loss_g = loss_g + config.lambda_cx * contextual
             losses["cx"] = float(contextual.detach())
-        reach_hint = config.hint_to_generator and config.lambda_hint > 0
+        lambda_hint = self.hint_weight()
+        reach_hint = config.hint_to_generator and lambda_hint > 0
         reach_seg = config.seg_pm_to_generator and config.use_seg_pm
         if reach_hint or reach_seg:
             with self.autocast():
@@ -305,7 +315,7 @@ class CMEDLObjective(Objective):
                     with torch.no_grad():
                         _, student_hints = student(ct, return_hints=True)
             if reach_hint:
-                loss_g = loss_g + config.lambda_hint * hint_loss(student_hints, teacher_hints, config.hint_reduction)
+                loss_g = loss_g + lambda_hint * hint_loss(student_hints, teacher_hints, config.hint_reduction)
             if reach_seg:
                 loss_g = loss_g + config.lambda_seg * soft_dice_loss(teacher_logits.float(), ct_labels)
         self.scaler.scale(loss_g).backward()
@@ -353,7 +363,7 @@ class CMEDLObjective(Objective):
             if not config.hint_to_teacher:
                 teacher_hints = [hint.detach() for hint in teacher_hints]
             hint = hint_loss(student_hints, teacher_hints, config.hint_reduction)
-            loss_s = loss_s + config.lambda_hint * hint
+            loss_s = loss_s + lambda_hint * hint
             losses["hint"] = float(hint.detach())
         if self.replicas:
             # Every process must produce a gradient for every teacher parameter in every step, or the gradient
@@ -408,7 +418,7 @@ class CMEDLObjective(Objective):
         keys = (
             "translator", "translator_options", "gan_mode", "lambda_adv", "lambda_cyc", "lambda_cx", "lambda_hint",
             "lambda_seg", "lambda_identity", "use_cx", "use_cycle", "use_seg_rm", "use_seg_pm", "hint_reduction",
-            "hint_to_teacher", "hint_to_generator", "seg_pm_to_generator", "lr_translator",
+            "hint_to_teacher", "hint_to_generator", "seg_pm_to_generator", "hint_start_epoch", "lr_translator",
         )  # fmt: skip
         details = {key: getattr(config, key) for key in keys}
         details["vgg_weights"] = config.vgg_weights or "torch hub cache (ImageNet)"
