@@ -17,10 +17,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cmedl import __version__
 from cmedl.errors import CMEDLError, ConfigError, InputError, NotCTError
 from cmedl.progress import JsonLinesProgress, Progress, TextProgress
+
+if TYPE_CHECKING:  # the engine modules load on demand: `cmedl --help` stays fast
+    from cmedl.evaluate import EvaluationReport
 
 Handler = Callable[[argparse.Namespace, Progress], int]
 
@@ -327,14 +331,8 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
         progress.done(result["summary"])
         if args.json:
             _print_json(result)
-            return 0
-        print(f"{'case':<28} {'KL nats':>8} {'PSNR dB':>8} {'SSIM':>7}")
-        for case in result["cases"]:
-            print(f"{case['case']:<28} {case['kl_divergence']:8.4f} {case['psnr_db']:8.2f} {case['ssim']:7.4f}")
-        summary = result["summary"]
-        kl, psnr, ssim = summary["kl_divergence"], summary["psnr_db"], summary["ssim"]
-        print(f"{summary['cases']} cases: KL {kl['mean']:.4f} ± {kl['sd']:.4f}, PSNR {psnr['mean']:.2f} ± "
-              f"{psnr['sd']:.2f} dB, SSIM {ssim['mean']:.4f} ± {ssim['sd']:.4f}")  # fmt: skip
+        else:
+            _print_translation_scores(result)
         return 0
     report = evaluate(args.predictions, args.references, args.tolerance, args.label, args.strip, progress)
     if args.csv:
@@ -342,23 +340,41 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
     progress.done(report.summary())
     if args.json:
         _print_json(report.to_dict())
-        return 0
+    else:
+        _print_segmentation_scores(report)
+    return 0
+
+
+def _print_segmentation_scores(report: EvaluationReport) -> None:
     print(f"{'case':<28} {'Dice':>7} {'sDSC':>7} {'HD95 mm':>9} {'pred mL':>9} {'ref mL':>9}")
     for case in report.cases:
         print(f"{case.case:<28} {case.dice:7.3f} {case.surface_dice:7.3f} {case.hd95_mm:9.1f} "
               f"{case.predicted_ml:9.2f} {case.reference_ml:9.2f}")  # fmt: skip
     summary = report.summary()
-    print(f"{summary['cases']} cases: Dice {summary['dice']['mean']:.3f} ± {summary['dice']['sd']:.3f}, "
-          f"surface Dice ({args.tolerance:g} mm) {summary['surface_dice']['mean']:.3f} ± "
-          f"{summary['surface_dice']['sd']:.3f}, HD95 {summary['hd95_mm']['mean']:.1f} ± "
-          f"{summary['hd95_mm']['sd']:.1f} mm")  # fmt: skip
+    dice, surface, hd95 = summary["dice"], summary["surface_dice"], summary["hd95_mm"]
+    print(f"{summary['cases']} cases: Dice {dice['mean']:.3f} ± {dice['sd']:.3f}, surface Dice "
+          f"({summary['tolerance_mm']:g} mm) {surface['mean']:.3f} ± {surface['sd']:.3f}, "
+          f"HD95 {hd95['mean']:.1f} ± {hd95['sd']:.1f} mm")  # fmt: skip
     if summary["hd95_undefined_cases"]:
         print(f"HD95 left out of the mean for {summary['hd95_undefined_cases']} case(s) with an empty mask")
     for name in report.missing_predictions:
         print(f"no prediction for reference {name}")
     for name in report.unmatched_predictions:
         print(f"no reference for prediction {name}")
-    return 0
+
+
+def _print_translation_scores(result: dict) -> None:
+    print(f"{'case':<28} {'KL nats':>8} {'PSNR dB':>8} {'SSIM':>7}")
+    for case in result["cases"]:
+        print(f"{case['case']:<28} {case['kl_divergence']:8.4f} {case['psnr_db']:8.2f} {case['ssim']:7.4f}")
+    summary = result["summary"]
+    kl, psnr, ssim = summary["kl_divergence"], summary["psnr_db"], summary["ssim"]
+    print(f"{summary['cases']} cases: KL {kl['mean']:.4f} ± {kl['sd']:.4f}, PSNR {psnr['mean']:.2f} ± "
+          f"{psnr['sd']:.2f} dB, SSIM {ssim['mean']:.4f} ± {ssim['sd']:.4f}")  # fmt: skip
+    for name in result["missing_synthetic"]:
+        print(f"no synthetic image for real image {name}")
+    for name in result["unmatched_synthetic"]:
+        print(f"no real image for synthetic image {name}")
 
 
 # -- models ------------------------------------------------------------------------------------------
