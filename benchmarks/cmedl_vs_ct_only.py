@@ -58,8 +58,7 @@ from scipy.stats import wilcoxon
 
 import cmedl
 from cmedl import __version__
-from cmedl.evaluate import score_translation
-from cmedl.metrics import segmentation_metrics
+from cmedl.evaluate import score_case, score_translation
 from cmedl.modelfile import LoadedModel, load_model
 from cmedl.phantom import make_phantom, write_phantom_dataset
 from cmedl.progress import CallbackProgress
@@ -242,8 +241,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run = RunFolder(config.out)
     record_path = run.path / TIMING_FILE
     if record_path.exists() and run.read_status().get("state") == "finished":
-        # A finished run is reused only when it was trained with exactly this configuration.
-        if run.read_json("config.json") != json.loads(json.dumps(config.to_dict())):
+        # A finished run is reused only when it was trained with exactly this configuration. Keys added to the
+        # engine after the run take their defaults, which keep the earlier behaviour.
+        stored = TrainConfig.from_dict(run.read_json("config.json")).to_dict()
+        if json.loads(json.dumps(stored)) != json.loads(json.dumps(config.to_dict())):
             sys.exit(f"{run.path} was trained with another configuration; remove it or choose another --out")
         log(f"reusing finished run {run.path}")
         return json.loads(record_path.read_text())
@@ -308,23 +309,19 @@ def evaluate(model: LoadedModel, cases: list[dict], device: str, tolerance_mm: f
     rows = []
     for case in cases:
         ct = read_volume(case["image"])
-        truth_image = read_volume(case["label"])
-        if not same_geometry(ct, truth_image):
+        truth = read_volume(case["label"])
+        if not same_geometry(ct, truth):
             raise RuntimeError(f"{case['name']}: the truth label is not on the CT's grid")
         result = segmenter.segment(ct, name=case["name"])
-        prediction = sitk.GetArrayFromImage(result.label) == 1
-        truth = sitk.GetArrayFromImage(truth_image) > 0
-        spacing_zyx = ct.GetSpacing()[::-1]
-        metrics = segmentation_metrics(prediction, truth, spacing_zyx, tolerance_mm)
-        voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
+        score = score_case(result.label, truth, tolerance_mm, label=1, case=case["name"])
         rows.append(
             {
                 "case": case["name"],
-                "dice": metrics["dice"],
-                "surface_dice": metrics["surface_dice"],
-                "hd95_mm": metrics["hd95"],
-                "predicted_ml": round(float(prediction.sum()) * voxel_ml, 3),
-                "truth_ml": round(float(truth.sum()) * voxel_ml, 3),
+                "dice": score.dice,
+                "surface_dice": score.surface_dice,
+                "hd95_mm": score.hd95_mm,
+                "predicted_ml": score.predicted_ml,
+                "truth_ml": score.reference_ml,
                 "tumour_locations": [tumour["location"] for tumour in case["tumours"]],
                 "spacing_mm": list(ct.GetSpacing()),
                 "seconds": round(result.seconds, 2),

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {path: score(path, cases, args.device, args.tolerance) for path in args.models}
     baseline = args.models[0]
     names = [Path(path).name for path in args.models]
-    labels = {
+    shown_names = {
         path: name if names.count(name) == 1 else f"{Path(path).parent.name}/{name}"
         for path, name in zip(args.models, names, strict=True)
     }
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             base = [row["dice"] for row in results[baseline]]
             differences = np.subtract(dice, base)
             p_value = f"{wilcoxon(dice, base).pvalue:.3f}" if np.any(differences) else "identical"
-        print(f"{labels[path]:<40} {mean_sd(dice):>16} {mean_sd([r['surface_dice'] for r in rows]):>16} "
+        print(f"{shown_names[path]:<40} {mean_sd(dice):>16} {mean_sd([r['surface_dice'] for r in rows]):>16} "
               f"{mean_sd([r['hd95'] for r in rows]):>22} {p_value:>18}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

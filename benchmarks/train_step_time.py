@@ -3,7 +3,8 @@
 One iteration is one call of the method's ``Objective.step`` on one batch: for CT only, a forward and backward
 pass of the student; for CMEDL, the generator, discriminator and segmentor updates of section III.A.3 (two
 generators, two discriminators, the teacher and the student). Batches are random tensors already in memory, so
-the figures are compute only (the data loader runs in worker processes beside the GPU in a real run).
+the figures are compute only; a real run also spends time drawing and augmenting patches, validating and writing
+checkpoints.
 
 The baseline is CT only in full fp32 on the same device, measured in the same process; every row gives its time
 relative to it. On CUDA each timed block is closed by ``torch.cuda.synchronize()`` and the peak GPU memory of
