@@ -66,6 +66,8 @@ class PreparedVolume:
         tumour_slices: indices of slices with at least one foreground voxel.
         context_slices: indices of the slices background patches are drawn from: for CT the slices holding
             lung (where inference runs, lung bases and apices included), otherwise every slice.
+        paired: ``(Z, H, W)`` float16 normalised image of another modality on the same grid (the real MRI of a
+            phantom CT's own anatomy), or None. Patches of it are cut and augmented with the image's.
     """
 
     name: str
@@ -73,6 +75,7 @@ class PreparedVolume:
     label: np.ndarray | None
     tumour_slices: np.ndarray
     context_slices: np.ndarray
+    paired: np.ndarray | None = None
 
 
 def lung_slices(hu: np.ndarray, air_hu: float = -500.0, min_fraction: float = 0.02) -> np.ndarray:
@@ -119,6 +122,27 @@ def prepare_volume(
     return PreparedVolume(case.name, normalised, label_array, tumour_slices, context)
 
 
+def attach_paired(
+    volumes: list[PreparedVolume],
+    cases: list[CasePaths],
+    folder: str | Path,
+    spacing_mm: tuple[float, float],
+    normalise: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    """Give each prepared volume the image of the same name in ``folder``, prepared the same way.
+
+    Raises :class:`InputError` when a case has no image there or the image is not on the case's grid.
+    """
+    available = {stem_of(path): path for path in list_volumes(Path(folder))} if Path(folder).is_dir() else {}
+    for volume, case in zip(volumes, cases):
+        path = available.get(case.name)
+        if path is None:
+            raise InputError(f"no paired image for case {case.name} in {folder}")
+        if not same_geometry(read_volume(case.image), read_volume(path), tolerance=1e-3):
+            raise InputError(f"paired image {path.name} is not on the grid of case {case.name}")
+        volume.paired = prepare_volume(CasePaths(case.name, path, None), spacing_mm, normalise, is_ct=False).image
+
+
 def split_cases(cases: list[CasePaths], fraction: float, seed: int) -> tuple[list[CasePaths], list[CasePaths]]:
     """Split into (training, validation) with ``round(fraction * n)`` validation cases (at least one when
     ``fraction > 0`` and there are two or more cases), reproducibly for ``seed``."""
@@ -163,8 +187,9 @@ class PatchSampler:
         self._with_tumour = [v for v in volumes if len(v.tumour_slices)]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """One ``(1, P, P)`` float32 image patch, its ``(P, P)`` int64 label patch, and whether the case has a
-        label (an unlabelled case gives an all-background label that must not be trained on)."""
+        """One ``(1, P, P)`` float32 image patch (``(2, P, P)`` with the paired image's patch as channel 1 when
+        the volumes carry one), its ``(P, P)`` int64 label patch, and whether the case has a label (an
+        unlabelled case gives an all-background label that must not be trained on)."""
         rng = self.rng
         if self._with_tumour and rng.random() < self.tumour_fraction:
             volume = self._with_tumour[rng.integers(len(self._with_tumour))]
@@ -178,13 +203,17 @@ class PatchSampler:
             z = int(volume.context_slices[rng.integers(len(volume.context_slices))])
             centre = self._body_centre(volume.image[z])
         image = crop_centered(volume.image[z].astype(np.float32), centre, self.patch_size, BACKGROUND)
+        if volume.paired is not None:
+            paired = crop_centered(volume.paired[z].astype(np.float32), centre, self.patch_size, BACKGROUND)
+            image = np.stack([image, paired])
         if volume.label is not None:
             label = crop_centered(volume.label[z], centre, self.patch_size, 0)
         else:
             label = np.zeros(image.shape, dtype=np.uint8)
         if self.augment is not None:
             image, label = augment_pair(image, label, rng, self.augment)
-        return image[None].astype(np.float32), label.astype(np.int64), volume.label is not None
+        image = image if image.ndim == 3 else image[None]
+        return image.astype(np.float32), label.astype(np.int64), volume.label is not None
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``size`` patches: images ``(size, 1, P, P)`` float32, labels ``(size, P, P)`` int64 and a
@@ -200,3 +229,26 @@ class PatchSampler:
             return image.shape[0] // 2, image.shape[1] // 2
         jitter = self.rng.integers(-self.patch_size // 4, self.patch_size // 4 + 1, size=2)
         return int(rows.mean() + jitter[0]), int(cols.mean() + jitter[1])
+
+
+def draw_batch(
+    samplers: dict[str, PatchSampler], domains: tuple[str, ...], size: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One batch per domain (``images, labels, labelled``, as :meth:`PatchSampler.batch` gives them).
+
+    Domain ``paired_mr`` has no sampler of its own: it is channel 1 of the CT sampler's patches (the paired
+    image cut at the same place and augmented with the same transform), split off here so that every domain's
+    images are ``(size, 1, P, P)``.
+    """
+    batch = {}
+    for domain in domains:
+        if domain == "paired_mr":
+            continue
+        images, labels, labelled = samplers[domain].batch(size)
+        if images.shape[1] > 1:
+            batch["paired_mr"] = (images[:, 1:], labels, labelled)
+            images = images[:, :1]
+        batch[domain] = (images, labels, labelled)
+    if "paired_mr" in domains and "paired_mr" not in batch:
+        raise TrainingError("the teacher needs paired images, but the CT training volumes carry none")
+    return batch

@@ -13,8 +13,9 @@ the plain modules: checkpoints and model files look the same whatever the number
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from cmedl.devices import autocast_context
 from cmedl.losses import soft_dice_loss
 from cmedl.modelfile import ModelCard, save_translator
 from cmedl.nets import build_segmentor
-from cmedl.training.config import TrainConfig
+from cmedl.training.config import TrainConfig, paper_deviations
 
 Batch = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # images, labels, labelled
 
@@ -134,6 +135,35 @@ class Objective:
         """Write model files besides the student's (called whenever the student is exported)."""
 
 
+@contextlib.contextmanager
+def batchnorm_statistics_kept(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run forward passes in training mode without changing any BatchNorm running statistics.
+
+    The generator update calls the segmentors only to pass gradients back to the pseudo-MRI: those passes use
+    the batch's statistics, as a training pass does, but must not count as extra updates of the running mean
+    and variance (which would otherwise see every CT and pseudo-MRI batch twice or three times per step, and
+    shift the statistics inference uses toward the generator's current output).
+    """
+    layers = [
+        layer
+        for module in modules
+        for layer in module.modules()
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+    ]
+    # The passes update scratch copies; the originals are put back untouched afterwards. (Copying the old values
+    # back in place instead would bump the version of tensors autograd saved, and break the backward pass.)
+    saved = [(layer.running_mean, layer.running_var, layer.num_batches_tracked) for layer in layers]
+    for layer in layers:
+        layer.running_mean = layer.running_mean.clone()
+        layer.running_var = layer.running_var.clone()
+        layer.num_batches_tracked = layer.num_batches_tracked.clone()
+    try:
+        yield
+    finally:
+        for layer, (mean, var, count) in zip(layers, saved):
+            layer.running_mean, layer.running_var, layer.num_batches_tracked = mean, var, count
+
+
 def build_network(config: TrainConfig) -> torch.nn.Module:
     return build_segmentor(config.segmentor, in_channels=1, num_classes=2, **config.segmentor_options)
 
@@ -150,6 +180,8 @@ class CTOnlyObjective(Objective):
         self.optimizers["student"] = torch.optim.Adam(
             self.student.parameters(), lr=config.lr_segmentor, betas=config.betas, weight_decay=config.weight_decay
         )
+        # The same schedule as every CMEDL optimiser, so the two methods differ only in their losses.
+        self.add_linear_decay("student")
 
     def step(self, batch: Batch) -> dict[str, float]:
         images, labels = (tensor.to(self.device, non_blocking=True) for tensor in batch["ct"][:2])
@@ -208,17 +240,24 @@ class CMEDLObjective(Objective):
         from cmedl.nets.vgg import load_vgg16_features
 
         super().__init__(config, device, amp_dtype)
-        self.translator = build_translator(config.translator, **config.translator_options).to(device)
-        self.networks["translator"] = self.translator
+        # The oracle teacher sees the real MRI of each CT's own anatomy (phantom experiments only): no translator.
+        self.oracle = config.teacher_input == "paired_mr"
+        if self.oracle:
+            self.domains = ("ct", "mr", "paired_mr")
+        self.translator = None
+        if not self.oracle:
+            self.translator = build_translator(config.translator, **config.translator_options).to(device)
+            self.networks["translator"] = self.translator
         self.networks["teacher"] = build_network(config).to(device)
         self.networks["student"] = build_network(config).to(device)
         betas = config.betas
-        self.optimizers["generators"] = torch.optim.Adam(
-            self.translator.generators(), lr=config.lr_translator, betas=betas
-        )
-        self.optimizers["discriminators"] = torch.optim.Adam(
-            self.translator.discriminators(), lr=config.lr_translator, betas=betas
-        )
+        if self.translator is not None:
+            self.optimizers["generators"] = torch.optim.Adam(
+                self.translator.generators(), lr=config.lr_translator, betas=betas
+            )
+            self.optimizers["discriminators"] = torch.optim.Adam(
+                self.translator.discriminators(), lr=config.lr_translator, betas=betas
+            )
         self.optimizers["teacher"] = torch.optim.Adam(
             self.networks["teacher"].parameters(), lr=config.lr_segmentor, betas=betas, weight_decay=config.weight_decay
         )
@@ -231,7 +270,7 @@ class CMEDLObjective(Objective):
         self.pool_mr = ImagePool(config.pool_size, rng=config.seed)
         self.pool_ct = ImagePool(config.pool_size, rng=config.seed + 1)
         self.contextual = None
-        if config.use_cx and config.lambda_cx > 0:
+        if self.translator is not None and config.use_cx and config.lambda_cx > 0:
             vgg = load_vgg16_features(config.vgg_weights or None).to(device)
             self.contextual = ContextualLoss(
                 vgg,
@@ -247,6 +286,8 @@ class CMEDLObjective(Objective):
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         # The translator as such is never called: each of its four networks is, in its own update.
         translator = self.translator
+        if translator is None:
+            return {"teacher": self.teacher, "student": self.student}
         return {
             "g_ct_to_mr": translator.g_ct_to_mr,
             "g_mr_to_ct": translator.g_mr_to_ct,
@@ -271,11 +312,22 @@ class CMEDLObjective(Objective):
                 parameter.requires_grad_(flag)
 
     def step(self, batch: Batch) -> dict[str, float]:
-        config = self.config
         ct, ct_labels, _ = (tensor.to(self.device, non_blocking=True) for tensor in batch["ct"])
         mr, mr_labels, mr_labelled = (tensor.to(self.device, non_blocking=True) for tensor in batch["mr"])
-        translator, teacher, student = self.translator, self.teacher, self.student
         losses: dict[str, float] = {}
+        if self.oracle:
+            teacher_input = batch["paired_mr"][0].to(self.device, non_blocking=True)
+        else:
+            teacher_input = self._translator_step(ct, ct_labels, mr, losses)
+        self._segmentor_step(ct, ct_labels, mr, mr_labels, mr_labelled, teacher_input, losses)
+        return losses
+
+    def _translator_step(
+        self, ct: torch.Tensor, ct_labels: torch.Tensor, mr: torch.Tensor, losses: dict[str, float]
+    ) -> torch.Tensor:
+        """Updates 1 (generators) and 2 (discriminators); returns the pseudo-MRI ``(B, 1, P, P)``, detached."""
+        config = self.config
+        translator, teacher, student = self.translator, self.teacher, self.student
 
         # 1. generators; the discriminators and segmentors only pass gradients through. Frozen networks are called
         # directly, not through their data-parallel wrappers: a wrapper whose forward ran expects gradients for
@@ -309,7 +361,7 @@ class CMEDLObjective(Objective):
         reach_hint = config.hint_to_generator and lambda_hint > 0
         reach_seg = config.seg_pm_to_generator and config.use_seg_pm
         if reach_hint or reach_seg:
-            with self.autocast():
+            with self.autocast(), batchnorm_statistics_kept(teacher, student):
                 teacher_logits, teacher_hints = teacher(pseudo_mr, return_hints=True)
                 if reach_hint:
                     with torch.no_grad():
@@ -335,29 +387,43 @@ class CMEDLObjective(Objective):
         self.scaler.scale(loss_d).backward()
         self.scaler.step(discriminator_optimizer)
         losses["adv_d"] = float(loss_d.detach())
+        return pseudo_mr.detach()
 
-        # 3. teacher and student
+    def _segmentor_step(
+        self,
+        ct: torch.Tensor,
+        ct_labels: torch.Tensor,
+        mr: torch.Tensor,
+        mr_labels: torch.Tensor,
+        mr_labelled: torch.Tensor,
+        teacher_input: torch.Tensor,
+        losses: dict[str, float],
+    ) -> None:
+        """Update 3: teacher and student on the CT, the teacher's view of it (pseudo-MRI, or the paired MRI
+        of the oracle) and the unpaired real MRI."""
+        config = self.config
+        lambda_hint = self.hint_weight()
+        seg_weight = config.segmentor_seg_weight
         teacher, student = self.replica("teacher"), self.replica("student")
         self._set_requires_grad([teacher, student], True)
         for name in ("teacher", "student"):
             self.optimizers[name].zero_grad(set_to_none=True)
-        pseudo_mr = pseudo_mr.detach()
         with self.autocast():
             student_logits, student_hints = student(ct, return_hints=True)
-            teacher_logits, teacher_hints = teacher(pseudo_mr, return_hints=True)
+            teacher_logits, teacher_hints = teacher(teacher_input, return_hints=True)
         seg_ct = soft_dice_loss(student_logits.float(), ct_labels)
-        loss_s = seg_ct
+        loss_s = seg_weight * seg_ct
         losses["seg_ct"] = float(seg_ct.detach())
         if config.use_seg_pm:
             seg_pm = soft_dice_loss(teacher_logits.float(), ct_labels)
-            loss_s = loss_s + seg_pm
+            loss_s = loss_s + seg_weight * seg_pm
             losses["seg_pm"] = float(seg_pm.detach())
         if config.use_seg_rm:
             with self.autocast():
                 real_logits = teacher(mr)
             seg_rm = masked_dice(real_logits, mr_labels, mr_labelled)
             if seg_rm is not None:
-                loss_s = loss_s + seg_rm
+                loss_s = loss_s + seg_weight * seg_rm
                 losses["seg_rm"] = float(seg_rm.detach())
         if config.lambda_hint > 0:
             if not config.hint_to_teacher:
@@ -374,10 +440,11 @@ class CMEDLObjective(Objective):
         self.scaler.step(self.optimizers["teacher"])
         self.scaler.step(self.optimizers["student"])
         self.scaler.update()
-        return losses
 
     @torch.no_grad()
     def previews(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.translator is None:
+            return super().previews(images)
         images = images.to(self.device)
         for network in self.networks.values():
             network.eval()
@@ -400,6 +467,8 @@ class CMEDLObjective(Objective):
     def export_extras(self, folder: Path, student_card: ModelCard) -> None:
         """``translator.safetensors``: the CT->MR generator and the teacher, for ``cmedl translate``."""
         config = self.config
+        if self.translator is None:
+            return
         card = dataclasses.replace(
             student_card,
             name=f"{student_card.name}-translator",
@@ -419,11 +488,11 @@ class CMEDLObjective(Objective):
             "translator", "translator_options", "gan_mode", "lambda_adv", "lambda_cyc", "lambda_cx", "lambda_hint",
             "lambda_seg", "lambda_identity", "use_cx", "use_cycle", "use_seg_rm", "use_seg_pm", "hint_reduction",
             "hint_to_teacher", "hint_to_generator", "seg_pm_to_generator", "hint_start_epoch", "lr_translator",
+            "segmentor_seg_weight", "teacher_input",
         )  # fmt: skip
         details = {key: getattr(config, key) for key in keys}
         details["vgg_weights"] = config.vgg_weights or "torch hub cache (ImageNet)"
-        if config.vgg_weights == "random" and self.contextual is not None:
-            details["deviation"] = "contextual loss computed on a randomly initialised VGG16, not ImageNet weights"
+        details["deviations"] = paper_deviations(config)
         return details
 
 

@@ -44,7 +44,15 @@ from cmedl.progress import Progress
 from cmedl.training import distributed
 from cmedl.training.augment import AugmentConfig
 from cmedl.training.config import TrainConfig
-from cmedl.training.data import PatchSampler, PreparedVolume, find_cases, prepare_volume, split_cases
+from cmedl.training.data import (
+    PatchSampler,
+    PreparedVolume,
+    attach_paired,
+    draw_batch,
+    find_cases,
+    prepare_volume,
+    split_cases,
+)
 from cmedl.training.objectives import Objective, build_objective
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
 from cmedl.volumes import atomic_output, normalise_hu, normalise_mr
@@ -138,6 +146,8 @@ class Trainer:
                 "mr_labelled": [str(case.image) for case in mr_cases if case.label is not None],
             },
         )
+        if config.method == "cmedl" and config.teacher_input == "paired_mr":
+            attach_paired(datasets.ct_training, training_cases, config.paired_mr, config.spacing_mm, normalise_mri)
         if not any(len(v.tumour_slices) for v in datasets.ct_training):
             raise TrainingError(
                 f"none of the {len(datasets.ct_training)} training CT labels in {config.ct} contains a tumour"
@@ -353,7 +363,7 @@ class Trainer:
             # A signal reaches one process (or some): all of them stop at the same iteration.
             if distributed.any_process(self._should_stop()):
                 return None
-            batch = {domain: samplers[domain].batch(config.batch_size) for domain in objective.domains}
+            batch = draw_batch(samplers, objective.domains, config.batch_size)
             losses = objective.step(batch)
             bad = [name for name, value in losses.items() if not math.isfinite(value)]
             if distributed.any_process(bool(bad)):
