@@ -6,7 +6,10 @@ Everything is measured on the generated volumes; the tissue map is used only to 
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +17,18 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from cmedl.cli import main
 from cmedl.errors import ConfigError
 from cmedl.phantom import (
     CHEST_WALL_TISSUES,
+    LOCATIONS,
     MEDIASTINAL_TISSUES,
+    TUMOUR_TABLE_COLUMNS,
     PhantomCase,
     Tissue,
     case_seed,
     make_phantom,
+    measure_tumour_contrast,
     write_phantom_dataset,
 )
 from cmedl.volumes import list_volumes, read_volume, same_geometry, stem_of
@@ -290,3 +297,133 @@ def test_bad_arguments_raise_config_errors(arguments: dict) -> None:
 def test_negative_case_counts_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         write_phantom_dataset(tmp_path, n_ct=-1, n_mr=1, seed=0, size=48)
+
+
+# -- tumour contrast, sites, instances and the per-tumour table ------------------------------------------
+
+
+def test_default_options_keep_phantoms_bit_identical() -> None:
+    # Regression check: these digests were taken before the tumour options existed; the defaults must
+    # keep drawing the same random numbers in the same order.
+    expected = {
+        "ct": "4d677fd8a03c06562f437a8a5802e848727a70f81d4ceb54415d0dd08d1c7c3d",
+        "mr": "be9bdc4d2b9c852af0b17f2b88ccbe829c0ae62f819e068811ce36d3d85cbb0c",
+    }
+    for modality, digest in expected.items():
+        image = sitk.GetArrayFromImage(make_phantom(modality, 5, size=64).image)
+        assert hashlib.sha256(image.tobytes()).hexdigest() == digest, modality
+
+
+def _strata(seed: int) -> list[str]:
+    return [LOCATIONS[seed % 3], LOCATIONS[(seed + 1) % 3]]
+
+
+def test_set_ct_tumour_contrast_is_measured_back() -> None:
+    measured: dict[float, dict[tuple[int, int], dict]] = {}
+    for setting in (-15.0, -30.0):
+        measured[setting] = {}
+        for seed in (0, 1, 3, 5, 6, 7):
+            case = make_phantom("ct", seed, size=SMALL, ct_tumour_contrast=setting, tumour_locations=_strata(seed))
+            for row in measure_tumour_contrast(case.image, case.tissues, case.instances, "ct"):
+                if row["reference"] == "soft_tissue":
+                    measured[setting][seed, row["id"]] = row
+    assert measured[-15.0].keys() == measured[-30.0].keys() and len(measured[-15.0]) >= 6
+    for setting, rows in measured.items():
+        contrasts = [row["contrast"] for row in rows.values()]
+        # At this matrix a tumour's interior holds only tens of voxels (noise 10-25 HU, 6 HU texture) and
+        # its surroundings mix mediastinum, muscle and liver, so single tumours scatter by up to about
+        # 10 HU. Their mean comes within 4 HU; a wrong sign or a factor of 2 would be 7.5 HU off or more.
+        assert abs(float(np.mean(contrasts)) - setting) < 4, (setting, contrasts)
+        assert all(abs(contrast - setting) < 12 for contrast in contrasts), (setting, contrasts)
+        for row in rows.values():
+            assert 5 < row["noise"] < 40  # the CT noise sigma is drawn within 10-25 HU, plus tissue texture
+            assert row["cnr"] == pytest.approx(row["contrast"] / row["noise"], abs=2e-3)
+    for key, weak in measured[-15.0].items():
+        strong = measured[-30.0][key]
+        # Same anatomy and noise: only the tumour's level moves, by exactly 15 HU.
+        assert strong["contrast"] - weak["contrast"] == pytest.approx(-15.0, abs=1.5)
+        assert abs(strong["cnr"]) > abs(weak["cnr"])
+
+
+def test_requested_tumour_sites_are_painted_and_shared_by_both_modalities() -> None:
+    for seed, sites in ((2, ["parenchyma", "chest_wall"]), (7, ["mediastinum", "parenchyma", "mediastinum"])):
+        ct = make_phantom("ct", seed, size=SMALL, tumour_locations=sites)
+        mr = make_phantom("mr", seed, size=SMALL, tumour_locations=sites)
+        assert [tumour["location"] for tumour in ct.tumours] == sites
+        assert [tumour["id"] for tumour in ct.tumours] == list(range(1, len(sites) + 1))
+        assert ct.tumours == mr.tumours
+        for name in ("tissues", "label", "instances"):
+            ct_array = sitk.GetArrayFromImage(getattr(ct, name))
+            assert np.array_equal(ct_array, sitk.GetArrayFromImage(getattr(mr, name))), name
+        instances = sitk.GetArrayFromImage(ct.instances)
+        assert np.array_equal(instances > 0, sitk.GetArrayFromImage(ct.label) > 0)
+        assert sorted(np.unique(instances[instances > 0])) == [tumour["id"] for tumour in ct.tumours]
+
+
+def test_stratified_dataset_with_paired_mr_and_tumour_table(tmp_path: Path) -> None:
+    description = write_phantom_dataset(tmp_path, n_ct=3, n_mr=1, seed=5, size=64, stratified=True,
+                                        paired_mr=True, ct_tumour_contrast=-20)
+    assert description["paired"] is False and description["paired_mr"] is True
+    assert description["stratified"] is True and description["ct_tumour_contrast"] == -20
+    assert json.loads((tmp_path / "phantoms.json").read_text(encoding="utf-8")) == description
+    ct_strata = []
+    for case in description["cases"]:
+        index = int(case["name"].split("_")[1])
+        assert case["tumour_locations"] == _strata(index)
+        assert [tumour["location"] for tumour in case["tumours"]] == _strata(index)
+        image = read_volume(tmp_path / case["image"])
+        if case["modality"] == "ct":
+            ct_strata += _strata(index)
+            paired = read_volume(tmp_path / case["paired_mr"])
+            instances = read_volume(tmp_path / case["instances"])
+            assert same_geometry(image, paired) and same_geometry(image, instances)
+            assert paired.GetPixelID() == sitk.sitkFloat32 and instances.GetPixelID() == sitk.sitkUInt8
+            ids = sitk.GetArrayFromImage(instances)
+            assert sorted(np.unique(ids[ids > 0])) == [tumour["id"] for tumour in case["tumours"]]
+            label = sitk.GetArrayFromImage(read_volume(tmp_path / case["label"]))
+            assert np.array_equal(ids > 0, label > 0)
+        else:
+            assert "paired_mr" not in case and "instances" not in case
+        for tumour in case["tumours"]:
+            assert (tumour["ct_cnr"] is None) == (case["modality"] == "mr")
+            assert tumour["mr_cnr"] is not None  # MR cases, and CT cases with their paired MR
+    assert sorted(ct_strata) == sorted(LOCATIONS * 2)  # three cases hold each site twice
+
+    with (tmp_path / "tumours.csv").open(newline="", encoding="utf-8") as table:
+        rows = list(csv.DictReader(table))
+    assert list(rows[0].keys()) == list(TUMOUR_TABLE_COLUMNS)
+    listed = [(case["name"], tumour) for case in description["cases"] for tumour in case["tumours"]]
+    assert len(rows) == len(listed)
+    for row, (name, tumour) in zip(rows, listed):
+        assert (row["case"], int(row["tumour_id"]), row["stratum"]) == (name, tumour["id"], tumour["location"])
+        assert row["ct_reference"] == (tumour["ct_reference"] or "")
+        assert float(row["mr_contrast"]) == tumour["mr_contrast"]
+    assert not list(tmp_path.rglob("*.partial*"))
+
+
+def test_phantom_command_passes_the_tumour_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "data"
+    code = main(["phantom", str(out), "--ct", "1", "--mr", "0", "--seed", "2", "--size", "64",
+                 "--ct-contrast", "-25", "--stratified", "--paired-mr"])
+    assert code == 0
+    assert "-25 HU" in capsys.readouterr().out
+    description = json.loads((out / "phantoms.json").read_text(encoding="utf-8"))
+    assert description["ct_tumour_contrast"] == -25 and description["stratified"] and description["paired_mr"]
+    assert (out / "ct" / "paired_mr" / "ct_0000.nii.gz").exists()
+    rows = (out / "tumours.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].split(",") == list(TUMOUR_TABLE_COLUMNS) and len(rows) == 1 + len(description["cases"][0]["tumours"])
+
+
+@pytest.mark.parametrize("contrast", [math.nan, math.inf, 1000.0, -200.5])
+def test_bad_tumour_contrast_is_refused(tmp_path: Path, contrast: float) -> None:
+    with pytest.raises(ConfigError):
+        make_phantom("ct", 1, size=48, ct_tumour_contrast=contrast)
+    with pytest.raises(ConfigError):
+        write_phantom_dataset(tmp_path, n_ct=1, n_mr=0, seed=0, size=48, ct_tumour_contrast=contrast)
+    assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("sites", [["mediastinum", "lung"], [], "parenchyma"])
+def test_bad_tumour_sites_are_refused(sites) -> None:
+    with pytest.raises(ConfigError, match="lung" if "lung" in sites else "site"):
+        make_phantom("mr", 1, size=48, tumour_locations=sites)

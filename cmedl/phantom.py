@@ -13,10 +13,17 @@ contrast. Then the tissue map is rendered in one modality:
 * MR: float32 arbitrary units (about 0..1000) with T2-weighted contrast: bright tumour, fat and fluid,
   dark lungs, flow voids in the heart and vessels, a smooth multiplicative coil bias and Rician noise.
 
-The anatomy depends only on ``seed``, ``size``, ``slices`` and ``spacing``; the modality changes only how
-tissues look. ``make_phantom("ct", s)`` and ``make_phantom("mr", s)`` are therefore a *paired* case,
-while :func:`write_phantom_dataset` derives independent seeds per modality and case so that its CT and
-MR sets are unpaired, as in the CMEDL training setting.
+The anatomy depends only on ``seed``, ``size``, ``slices``, ``spacing`` and ``tumour_locations``; the
+modality changes only how tissues look. ``make_phantom("ct", s)`` and ``make_phantom("mr", s)`` are
+therefore a *paired* case, while :func:`write_phantom_dataset` derives independent seeds per modality and
+case so that its CT and MR sets are unpaired, as in the CMEDL training setting.
+
+Tumour options: ``ct_tumour_contrast`` sets the CT tumour's mean exactly that many HU from mediastinal soft
+tissue (and keeps the tissues it abuts within -2..+4 HU of that level); ``tumour_locations`` asks for one
+tumour per listed site instead of random ones. ``PhantomCase.instances`` numbers the tumours, and
+:func:`measure_tumour_contrast` measures each one's contrast, noise and CNR against the tissue around it.
+:func:`write_phantom_dataset` can stratify tumour sites, add the MR of each CT case's anatomy, and writes
+the measurements to ``tumours.csv``.
 
 Grid: at a 512 matrix the in-plane spacing is 0.6-1.0 mm, chosen so that the 307-512 mm field of view
 fits the drawn patient, and the slice thickness is drawn among 2-5 mm. A smaller ``size`` keeps the field
@@ -27,9 +34,11 @@ left, y posterior, z superior), identity direction, field of view centred on x =
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -49,6 +58,7 @@ MIN_SIZE = 32
 TUMOUR_DIAMETER_MM = (14.0, 55.0)  # drawn range; clipping by bone keeps measured diameters within 1-6 cm
 LOCATIONS = ("mediastinum", "chest_wall", "parenchyma")
 LOCATION_ODDS = (0.35, 0.25, 0.40)
+CT_TUMOUR_CONTRAST_LIMIT_HU = 200.0  # |ct_tumour_contrast| allowed; beyond it the tumour is no longer soft tissue
 _CHUNK_SLICES = 8  # rendering works on slabs so temporaries stay small and reused
 
 
@@ -118,12 +128,15 @@ class PhantomCase:
             ``diameter_mm`` (diameter of the sphere with the painted volume), ``location``
             ("mediastinum", "chest_wall" or "parenchyma") and ``volume_ml``.
         tissues: uint8 :class:`Tissue` codes on the image's grid (the anatomy before rendering).
+        instances: uint8 map on the image's grid where tumour ``id`` k (1-based, in painting order, the
+            ``"id"`` of its entry in ``tumours``) has the value k and everything else 0.
     """
 
     image: sitk.Image
     label: sitk.Image
     tumours: list[dict]
     tissues: sitk.Image | None = None
+    instances: sitk.Image | None = None
 
 
 def make_phantom(
@@ -132,6 +145,9 @@ def make_phantom(
     size: int = 512,
     slices: int | None = None,
     spacing: tuple[float, float, float] | None = None,
+    *,
+    ct_tumour_contrast: float | None = None,
+    tumour_locations: Sequence[str] | None = None,
 ) -> PhantomCase:
     """Generate one phantom chest volume.
 
@@ -142,6 +158,13 @@ def make_phantom(
         slices: number of axial slices; default covers the lungs from apex to base with margins
             (at most 200 slices); a different count keeps the chest centred.
         spacing: (x, y, z) voxel spacing in mm, overriding the random draw.
+        ct_tumour_contrast: CT only: the tumour's mean HU minus the mediastinal soft-tissue level, exactly
+            (e.g. -15). The tissues a tumour abuts (blood, lung vessels, myocardium, muscle, diaphragm) are
+            then drawn within -2..+4 HU of that level so they stay apart from the tumour. None keeps the
+            default draw (tumour 3-9 HU below the level). MR ignores it.
+        tumour_locations: the sites of the tumours, one tumour per entry, among :data:`LOCATIONS`, instead
+            of a random count and sites; a tumour that does not fit even when retried smaller is left out.
+            The anatomy still does not depend on the modality.
 
     Returns:
         a :class:`PhantomCase`; arrays are ``(slices, size, size)`` in numpy order.
@@ -155,13 +178,17 @@ def make_phantom(
         raise ConfigError(f"phantom slices must be at least 1, got {slices}")
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
         raise ConfigError(f"phantom spacing must be three positive numbers in mm (x, y, z), got {spacing!r}")
+    ct_tumour_contrast = _check_contrast(ct_tumour_contrast)
+    locations = _check_locations(tumour_locations)
 
+    # The anatomy draws nothing that depends on the modality, so CT and MR of one seed share it; the
+    # CT-only contrast option acts in the CT render.
     anatomy_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
-    chest = _ChestBuilder(anatomy_rng, int(size), slices, spacing)
+    chest = _ChestBuilder(anatomy_rng, int(size), slices, spacing, locations)
     tissues, tumours = chest.build()
     render_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1 if modality == "ct" else 2]))
     if modality == "ct":
-        array = _render_ct(tissues, chest, render_rng)
+        array = _render_ct(tissues, chest, render_rng, ct_tumour_contrast)
     else:
         array = _render_mr(tissues, chest, render_rng)
     return PhantomCase(
@@ -169,7 +196,114 @@ def make_phantom(
         label=_image_on((tissues == Tissue.TUMOUR).astype(np.uint8), chest),
         tumours=tumours,
         tissues=_image_on(tissues, chest),
+        instances=_image_on(chest.instance_map(), chest),
     )
+
+
+# Tissues that count as the soft tissue next to a tumour when its contrast is measured.
+CONTRAST_REFERENCE_TISSUES = (
+    Tissue.MEDIASTINUM, Tissue.MYOCARDIUM, Tissue.BLOOD, Tissue.MUSCLE, Tissue.DIAPHRAGM,
+    Tissue.LUNG_VESSEL, Tissue.AIRWAY_WALL, Tissue.LIVER, Tissue.ABDOMEN,
+)
+_REFERENCE_REACH_MM = 3.0  # how far out from a tumour its surroundings are sampled (at least 3 pixels)
+_MIN_MEASURED_VOXELS = 20  # fewer voxels than this give too noisy a mean to use
+
+
+def measure_tumour_contrast(image: sitk.Image, tissues: sitk.Image, instances: sitk.Image,
+                            modality: str) -> list[dict]:
+    """Measure each tumour's contrast against its surroundings on a rendered phantom image.
+
+    Per tumour ``id`` of ``instances`` (see :attr:`PhantomCase.instances`), slice by slice (slices are
+    thick, so everything is in-plane):
+
+    * interior: the tumour's voxels at least 2 pixels inside its border, or all of them when fewer than 20
+      remain;
+    * reference: voxels 2 pixels to 3 mm (at least 3 pixels) outside the tumour whose tissue is one of
+      :data:`CONTRAST_REFERENCE_TISSUES`, skipping those within the partial-volume blur of any other
+      tissue (lung, fat, bone). When fewer than 20 are left, the tumour is surrounded by lung and the
+      adjacent lung voxels are the reference instead.
+
+    Returns one dict per tumour, by id: ``id``, ``reference`` ("soft_tissue" or "lung"), ``contrast``
+    (mean interior minus mean reference), ``noise`` (standard deviation of the reference) and ``cnr``
+    (contrast / noise), rounded to 3 decimals; HU for CT, arbitrary units for MR. A value that cannot be
+    measured (no reference voxels at all) is None.
+    """
+    _check_modality(modality)
+    values = sitk.GetArrayViewFromImage(image)
+    codes = sitk.GetArrayViewFromImage(tissues)
+    ids = sitk.GetArrayViewFromImage(instances)
+    if not values.shape == codes.shape == ids.shape:
+        raise ConfigError(f"image, tissue map and instance map differ in size: {values.shape}, {codes.shape}, "
+                          f"{ids.shape}")
+    sx, sy, _ = image.GetSpacing()
+    pixel = max(sx, sy)
+    reach_mm = max(_REFERENCE_REACH_MM, 3 * pixel)
+    # A voxel this many pixels from another tissue is clear of the in-plane partial-volume blur.
+    rim = max(1, math.ceil(3 * _blur_sigma((sx, sy)) - 0.5))
+    margin = math.ceil(reach_mm / min(sx, sy)) + rim + 2
+    soft_tissue = _lut(CONTRAST_REFERENCE_TISSUES)
+    results = []
+    for number, found in enumerate(ndimage.find_objects(ids), start=1):
+        if found is None:
+            continue
+        rows = slice(max(found[1].start - margin, 0), found[1].stop + margin)
+        cols = slice(max(found[2].start - margin, 0), found[2].stop + margin)
+        box = (found[0], rows, cols)
+        tumour = ids[box] == number
+        box_values = values[box].astype(np.float64)
+        box_codes = codes[box]
+
+        interior = _tumour_interior(tumour)
+
+        distance = np.stack([ndimage.distance_transform_edt(~plane, sampling=(sy, sx)) if plane.any()
+                             else np.full(plane.shape, np.inf) for plane in tumour])
+        ring = (distance > 1.5 * pixel) & (distance <= reach_mm)  # beyond the tumour's own blurred rim
+        reference_name, reference = "soft_tissue", _clear_of_others(box_codes, soft_tissue, ring, rim)
+        if reference.sum() < _MIN_MEASURED_VOXELS:
+            reference_name, reference = "lung", _clear_of_others(box_codes, _LUNG_ONLY, ring, rim)
+            if reference.sum() < _MIN_MEASURED_VOXELS:
+                reference = ring & _LUNG_ONLY[box_codes]  # a lung full of vessels: take what there is
+        contrast = noise = cnr = None
+        if reference.any():
+            contrast = float(box_values[interior].mean() - box_values[reference].mean())
+            noise = float(box_values[reference].std())
+            cnr = contrast / noise if noise > 0 else None
+        results.append({
+            "id": number,
+            "reference": reference_name,
+            "contrast": None if contrast is None else round(contrast, 3),
+            "noise": None if noise is None else round(noise, 3),
+            "cnr": None if cnr is None else round(cnr, 3),
+        })
+    return results
+
+
+def _tumour_interior(tumour: np.ndarray) -> np.ndarray:
+    """The tumour's voxels 2 pixels in from its in-plane border, or 1 pixel when that leaves too few.
+
+    On coarse grids a 2-pixel erosion may leave almost nothing, and the border pixels are partial volume
+    with lung (tens of HU off on CT): a few voxels 1 pixel in are a better estimate than all of them,
+    which are used only when no voxel is 1 pixel in.
+    """
+    in_plane = np.ones((1, 3, 3), dtype=bool)
+    padded = np.pad(tumour, ((0, 0), (2, 2), (2, 2)))  # so the box edge does not count as tumour border
+    fallback = tumour
+    for depth in (2, 1):
+        interior = ndimage.binary_erosion(padded, in_plane, iterations=depth)[:, 2:-2, 2:-2]
+        if interior.sum() >= _MIN_MEASURED_VOXELS:
+            return interior
+        if interior.any() and fallback is tumour:
+            fallback = interior
+    return fallback
+
+
+def _clear_of_others(codes: np.ndarray, allowed: np.ndarray, ring: np.ndarray, rim: int) -> np.ndarray:
+    """Ring voxels of an ``allowed`` tissue at least ``rim + 1`` pixels in-plane from any tissue that is neither
+    allowed nor tumour (whose values would leak in through the partial-volume blur)."""
+    wanted = allowed[codes]
+    others = ~(wanted | (codes == Tissue.TUMOUR))
+    near_others = ndimage.binary_dilation(others, np.ones((1, 3, 3), dtype=bool), iterations=rim)
+    return ring & wanted & ~near_others
 
 
 def case_seed(seed: int, modality: str, index: int) -> int:
@@ -183,6 +317,14 @@ def case_seed(seed: int, modality: str, index: int) -> int:
     return int(words[0]) << 31 | int(words[1]) >> 1
 
 
+# Columns of ``tumours.csv``: one row per tumour of a dataset; measured values are empty where not measured.
+TUMOUR_TABLE_COLUMNS = (
+    "case", "modality", "tumour_id", "stratum", "volume_ml", "diameter_mm", "centre_x_mm", "centre_y_mm",
+    "centre_z_mm", "ct_contrast_hu", "ct_noise_hu", "ct_cnr", "ct_reference", "mr_contrast", "mr_noise",
+    "mr_cnr", "mr_reference",
+)
+
+
 def write_phantom_dataset(
     out: str | Path,
     n_ct: int,
@@ -190,13 +332,33 @@ def write_phantom_dataset(
     seed: int,
     size: int = 512,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    ct_tumour_contrast: float | None = None,
+    stratified: bool = False,
+    paired_mr: bool = False,
 ) -> dict:
     """Write an unpaired CT/MR phantom dataset and return its description.
 
-    Layout: ``out/ct/images/ct_0000.nii.gz`` with its label ``out/ct/labels/ct_0000.nii.gz``, the same
-    under ``out/mr/`` with ``mr_0000``, and ``out/phantoms.json`` (the returned dict: per case its name,
-    modality, seed, relative image and label paths, size, spacing, origin and tumours). Every file is
-    written atomically. ``progress(done, total)`` is called after each case.
+    Layout: ``out/ct/images/ct_0000.nii.gz`` with its label ``out/ct/labels/ct_0000.nii.gz`` and its
+    tumour instance map ``out/ct/instances/ct_0000.nii.gz`` (uint8, tumour k = k), the same images and
+    labels under ``out/mr/`` with ``mr_0000``, ``out/phantoms.json`` (the returned dict: per case its
+    name, modality, seed, requested tumour sites, relative file paths, size, spacing, origin and tumours)
+    and ``out/tumours.csv`` (one row per tumour, :data:`TUMOUR_TABLE_COLUMNS`). Every file is written
+    atomically. ``progress(done, total)`` is called after each case.
+
+    Each tumour is measured with :func:`measure_tumour_contrast` on its case's image: ``ct_contrast_hu``,
+    ``ct_noise_hu``, ``ct_cnr``, ``ct_reference`` for CT cases and ``mr_contrast``, ``mr_noise``,
+    ``mr_cnr``, ``mr_reference`` where the MR of that anatomy is rendered; unmeasured values are None.
+
+    Args:
+        ct_tumour_contrast: the CT tumours' contrast to mediastinal soft tissue in HU (see
+            :func:`make_phantom`), within -200..200; None keeps the default 3-9 HU below it.
+        stratified: case i of each modality gets two tumours, at ``LOCATIONS[i % 3]`` and
+            ``LOCATIONS[(i + 1) % 3]``, so every three cases hold each site twice.
+        paired_mr: also write ``out/ct/paired_mr/ct_0000.nii.gz``, the MR of each CT case's anatomy on
+            the CT's grid, and measure its tumours. The CT and MR sets stay unpaired (``"paired"`` is
+            False); the paired MR is an extra, for experiments that need a perfect translation to compare
+            with.
     """
     if n_ct < 0 or n_mr < 0:
         raise ConfigError(f"phantom case counts must not be negative (got {n_ct} CT, {n_mr} MR)")
@@ -204,6 +366,7 @@ def write_phantom_dataset(
         raise ConfigError(f"phantom seed must be a non-negative integer, got {seed!r}")
     if size < MIN_SIZE:
         raise ConfigError(f"phantom size must be at least {MIN_SIZE}, got {size}")
+    ct_tumour_contrast = _check_contrast(ct_tumour_contrast)
     out = Path(out)
     total = n_ct + n_mr
     cases = []
@@ -211,24 +374,40 @@ def write_phantom_dataset(
         for index in range(count):
             name = f"{modality}_{index:04d}"
             seed_of_case = case_seed(seed, modality, index)
-            case = make_phantom(modality, seed_of_case, size=size)
+            locations = [LOCATIONS[index % 3], LOCATIONS[(index + 1) % 3]] if stratified else None
+            case = make_phantom(modality, seed_of_case, size=size, ct_tumour_contrast=ct_tumour_contrast,
+                                tumour_locations=locations)
             image_path = Path(modality) / "images" / f"{name}.nii.gz"
             label_path = Path(modality) / "labels" / f"{name}.nii.gz"
             write_volume(case.image, out / image_path)
             write_labelmap(case.label, out / label_path)
-            cases.append(
-                {
-                    "name": name,
-                    "modality": modality,
-                    "seed": seed_of_case,
-                    "image": image_path.as_posix(),
-                    "label": label_path.as_posix(),
-                    "size": list(case.image.GetSize()),
-                    "spacing_mm": [round(value, 6) for value in case.image.GetSpacing()],
-                    "origin_mm": [round(value, 6) for value in case.image.GetOrigin()],
-                    "tumours": case.tumours,
-                }
-            )
+            entry = {
+                "name": name,
+                "modality": modality,
+                "seed": seed_of_case,
+                "tumour_locations": locations,
+                "image": image_path.as_posix(),
+                "label": label_path.as_posix(),
+            }
+            measured = {modality: measure_tumour_contrast(case.image, case.tissues, case.instances, modality)}
+            if modality == "ct":
+                instances_path = Path("ct") / "instances" / f"{name}.nii.gz"
+                write_labelmap(case.instances, out / instances_path)  # a plain uint8 cast: ids are kept
+                entry["instances"] = instances_path.as_posix()
+                if paired_mr:
+                    mr = make_phantom("mr", seed_of_case, size=size, tumour_locations=locations)
+                    _check_same_anatomy(case, mr, name)
+                    paired_path = Path("ct") / "paired_mr" / f"{name}.nii.gz"
+                    write_volume(mr.image, out / paired_path)
+                    entry["paired_mr"] = paired_path.as_posix()
+                    measured["mr"] = measure_tumour_contrast(mr.image, mr.tissues, mr.instances, "mr")
+            entry.update({
+                "size": list(case.image.GetSize()),
+                "spacing_mm": [round(value, 6) for value in case.image.GetSpacing()],
+                "origin_mm": [round(value, 6) for value in case.image.GetOrigin()],
+                "tumours": [{**tumour, **_measured_columns(measured, tumour["id"])} for tumour in case.tumours],
+            })
+            cases.append(entry)
             if progress is not None:
                 progress(len(cases), total)
     description = {
@@ -238,11 +417,87 @@ def write_phantom_dataset(
         "n_ct": int(n_ct),
         "n_mr": int(n_mr),
         "paired": False,
+        "paired_mr": bool(paired_mr),
+        "stratified": bool(stratified),
+        "ct_tumour_contrast": ct_tumour_contrast,
         "cases": cases,
     }
+    with atomic_output(out / "tumours.csv") as temp:
+        temp.write_text(_tumour_table(cases), encoding="utf-8")
     with atomic_output(out / "phantoms.json") as temp:
         temp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return description
+
+
+def _check_same_anatomy(ct: PhantomCase, mr: PhantomCase, name: str) -> None:
+    """The paired MR must be the CT's anatomy on the CT's grid, or it is no pair at all."""
+    same_grid = (ct.image.GetSize() == mr.image.GetSize() and ct.image.GetSpacing() == mr.image.GetSpacing()
+                 and ct.image.GetOrigin() == mr.image.GetOrigin())
+    if not same_grid or not np.array_equal(sitk.GetArrayViewFromImage(ct.tissues),
+                                           sitk.GetArrayViewFromImage(mr.tissues)):
+        raise RuntimeError(f"the paired MR of {name} does not share the CT's grid and anatomy")
+
+
+def _measured_columns(measured: dict[str, list[dict]], tumour_id: int) -> dict:
+    """A tumour's measured contrast columns; None for a modality that was not rendered."""
+    columns = {}
+    for modality, unit in (("ct", "_hu"), ("mr", "")):
+        found = next((row for row in measured.get(modality) or [] if row["id"] == tumour_id), {})
+        columns[f"{modality}_contrast{unit}"] = found.get("contrast")
+        columns[f"{modality}_noise{unit}"] = found.get("noise")
+        columns[f"{modality}_cnr"] = found.get("cnr")
+        columns[f"{modality}_reference"] = found.get("reference")
+    return columns
+
+
+def _tumour_table(cases: list[dict]) -> str:
+    """``tumours.csv`` text: one row per tumour, empty cells for values that were not measured."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(TUMOUR_TABLE_COLUMNS)
+    for case in cases:
+        for tumour in case["tumours"]:
+            row = {
+                "case": case["name"],
+                "modality": case["modality"],
+                "tumour_id": tumour["id"],
+                "stratum": tumour["location"],
+                "volume_ml": tumour["volume_ml"],
+                "diameter_mm": tumour["diameter_mm"],
+                "centre_x_mm": tumour["centre_mm"][0],
+                "centre_y_mm": tumour["centre_mm"][1],
+                "centre_z_mm": tumour["centre_mm"][2],
+                **{key: tumour.get(key) for key in TUMOUR_TABLE_COLUMNS[9:]},
+            }
+            writer.writerow(["" if row[column] is None else row[column] for column in TUMOUR_TABLE_COLUMNS])
+    return buffer.getvalue()
+
+
+def _check_contrast(contrast: float | None) -> float | None:
+    if contrast is None:
+        return None
+    try:
+        value = float(contrast)
+    except (TypeError, ValueError):
+        raise ConfigError(f"CT tumour contrast must be a number of HU, got {contrast!r}") from None
+    if not math.isfinite(value) or abs(value) > CT_TUMOUR_CONTRAST_LIMIT_HU:
+        limit = CT_TUMOUR_CONTRAST_LIMIT_HU
+        raise ConfigError(f"CT tumour contrast must be within -{limit:g}..{limit:g} HU, got {contrast!r}")
+    return value
+
+
+def _check_locations(locations: Sequence[str] | None) -> tuple[str, ...] | None:
+    if locations is None:
+        return None
+    if isinstance(locations, str):  # a bare string would be read as a list of letters
+        raise ConfigError(f"tumour locations must be a list of sites, got the string {locations!r}")
+    chosen = tuple(locations)
+    if not chosen:
+        raise ConfigError("tumour locations must name at least one site")
+    for location in chosen:
+        if location not in LOCATIONS:
+            raise ConfigError(f"unknown tumour location {location!r}; use one of {', '.join(LOCATIONS)}")
+    return chosen
 
 
 def _check_modality(modality: str) -> str:
@@ -290,9 +545,11 @@ class _ChestBuilder:
     """
 
     def __init__(self, rng: np.random.Generator, size: int, slices: int | None,
-                 spacing: tuple[float, float, float] | None) -> None:
+                 spacing: tuple[float, float, float] | None, tumour_locations: tuple[str, ...] | None = None) -> None:
         self.rng = rng
         self.size = size
+        self.tumour_locations = tumour_locations
+        self.tumour_masks: list[tuple[tuple[slice, slice, slice], np.ndarray]] = []  # in painting order
         # The patient comes first; the field of view is then chosen to fit them, as a technologist would.
         patient_a = float(rng.uniform(140.0, 178.0))
         fov_wanted = 2 * patient_a * float(rng.uniform(1.2, 1.5))
@@ -859,20 +1116,37 @@ class _ChestBuilder:
     # -- tumours --------------------------------------------------------------------------------------
 
     def _paint_tumours(self) -> list[dict]:
-        """Place and paint 1-3 tumours; returns their descriptions measured on the painted voxels."""
+        """Place and paint the tumours; returns their descriptions measured on the painted voxels.
+
+        Without requested sites: 1-3 tumours at random sites. With them: one tumour per requested site.
+        """
         rng = self.rng
-        wanted = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
-        requests = [(str(rng.choice(LOCATIONS, p=LOCATION_ODDS)), float(rng.uniform(*TUMOUR_DIAMETER_MM)))
-                    for _ in range(wanted)]
+        if self.tumour_locations is None:
+            wanted = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+            requests = [(str(rng.choice(LOCATIONS, p=LOCATION_ODDS)), float(rng.uniform(*TUMOUR_DIAMETER_MM)))
+                        for _ in range(wanted)]
+            fallback_sites = LOCATIONS
+        else:
+            requests = [(location, float(rng.uniform(*TUMOUR_DIAMETER_MM))) for location in self.tumour_locations]
+            fallback_sites = tuple(dict.fromkeys(self.tumour_locations))  # never a site that was not asked for
         placed: list[tuple[np.ndarray, float]] = []
         painted = [found for found in (self._place_tumour(*request, placed) for request in requests) if found]
         # On an unusual grid none may fit: then the smallest tumour goes wherever it fits.
-        for location in LOCATIONS:
+        for location in fallback_sites:
             if painted:
                 break
             found = self._place_tumour(location, TUMOUR_DIAMETER_MM[0], placed)
             painted += [found] if found else []
-        return painted
+        return [{"id": number, **tumour} for number, tumour in enumerate(painted, start=1)]
+
+    def instance_map(self) -> np.ndarray:
+        """uint8 ``(z, y, x)``: tumour k (1-based, painting order) as k where it is in the tissue map, else 0."""
+        instances = np.zeros(self.tissues.shape, dtype=np.uint8)
+        for number, (box, mask) in enumerate(self.tumour_masks, start=1):
+            instances[box][mask] = number  # a voxel painted twice belongs to the later tumour
+        for box, _ in self.tumour_masks:
+            instances[box][self.tissues[box] != Tissue.TUMOUR] = 0
+        return instances
 
     def _place_tumour(self, location: str, diameter: float, placed: list) -> dict | None:
         """Find a site, paint one tumour there and describe it; None when no site fits."""
@@ -896,6 +1170,7 @@ class _ChestBuilder:
         if not mask.any():
             return None
         region[mask] = Tissue.TUMOUR
+        self.tumour_masks.append((box, mask))
         return self._describe(box, mask, location)
 
     def _tumour_site(self, location: str, radius: float, placed: list) -> np.ndarray | None:
@@ -990,8 +1265,12 @@ class _ChestBuilder:
 # -- rendering ------------------------------------------------------------------------------------------
 
 
-def _appearance_tables(rng: np.random.Generator, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tissue mean and texture amplitude (256-entry lookup tables) with this case's jitter."""
+def _appearance_tables(rng: np.random.Generator, modality: str,
+                       ct_tumour_contrast: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tissue mean and texture amplitude (256-entry lookup tables) with this case's jitter.
+
+    ``ct_tumour_contrast`` (CT only) sets the tumour's mean relative to the mediastinal level exactly.
+    """
     means = np.zeros(256, dtype=np.float32)
     textures = np.zeros(256, dtype=np.float32)
     for tissue, (ct_mean, ct_texture, mr_mean, mr_texture) in _APPEARANCE.items():
@@ -1002,15 +1281,23 @@ def _appearance_tables(rng: np.random.Generator, modality: str) -> tuple[np.ndar
             means[tissue] = mr_mean * float(rng.uniform(0.9, 1.1))
             textures[tissue] = mr_texture * means[tissue]
     if modality == "ct":
-        # The low-contrast setting: mediastinal soft tissue 40-50 HU, the tumour 3-9 HU below it.
         soft = float(rng.uniform(40.0, 50.0))
         means[Tissue.MEDIASTINUM] = soft
-        means[Tissue.MYOCARDIUM] = soft + float(rng.uniform(-2.0, 3.0))
-        means[Tissue.BLOOD] = soft - float(rng.uniform(0.0, 6.0))
+        if ct_tumour_contrast is None:
+            # The default low-contrast setting: mediastinal soft tissue 40-50 HU, the tumour 3-9 HU below it.
+            means[Tissue.MYOCARDIUM] = soft + float(rng.uniform(-2.0, 3.0))
+            means[Tissue.BLOOD] = soft - float(rng.uniform(0.0, 6.0))
+            means[Tissue.MUSCLE] = soft + float(rng.uniform(-3.0, 5.0))
+            means[Tissue.TUMOUR] = soft - float(rng.uniform(3.0, 9.0))
+        else:
+            # A set contrast: the tissues a tumour abuts stay within -2..+4 HU of the mediastinal level, so
+            # a tumour c HU below it (c < 0) is at least |c| - 2 HU from each of them.
+            means[Tissue.MYOCARDIUM] = soft + float(rng.uniform(-1.0, 3.0))
+            means[Tissue.BLOOD] = soft - float(rng.uniform(0.0, 2.0))
+            means[Tissue.MUSCLE] = soft + float(rng.uniform(0.0, 4.0))
+            means[Tissue.TUMOUR] = soft + ct_tumour_contrast
         means[Tissue.LUNG_VESSEL] = means[Tissue.BLOOD]
-        means[Tissue.MUSCLE] = soft + float(rng.uniform(-3.0, 5.0))
         means[Tissue.DIAPHRAGM] = means[Tissue.MUSCLE]
-        means[Tissue.TUMOUR] = soft - float(rng.uniform(3.0, 9.0))
     return means, textures
 
 
@@ -1066,12 +1353,13 @@ def _blur_sigma(spacing) -> float:
     return max(0.5, 0.6 / spacing[0])
 
 
-def _render_ct(tissues: np.ndarray, chest: _ChestBuilder, rng: np.random.Generator) -> np.ndarray:
+def _render_ct(tissues: np.ndarray, chest: _ChestBuilder, rng: np.random.Generator,
+               ct_tumour_contrast: float | None = None) -> np.ndarray:
     """CT in int16 HU from the tissue map ``(z, y, x)``.
 
     Noise is added before the blur so that it comes out slightly correlated, as in reconstructed CT.
     """
-    means, textures = _appearance_tables(rng, "ct")
+    means, textures = _appearance_tables(rng, "ct", ct_tumour_contrast)
     noise_sigma = float(rng.uniform(10.0, 25.0))
     gravity = float(rng.uniform(20.0, 50.0))  # HU denser at the back of the lungs (dependent lung)
     texture = _SmoothField(rng, tissues.shape, chest.spacing, 4.0)
