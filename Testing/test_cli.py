@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from conftest import run_cmedl, shared_data
 
 from cmedl import __version__
+from cmedl.cli import build_parser, main, train_config_from_args
 from cmedl.volumes import read_volume, same_geometry
 
 
@@ -81,3 +83,26 @@ def test_phantom_writes_an_unpaired_dataset(tmp_path: Path) -> None:
     assert refused.returncode == 3
     _one_error_line(refused.stderr)
     assert not (tmp_path / "none").exists()
+
+
+def test_train_vgg_weights_flag_overrides_the_config_file_and_help_names_both_methods(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"method": "cmedl", "vgg_weights": "/weights/vgg16.pth", "epochs": 3}))
+    parser = build_parser()
+    args = parser.parse_args(["train", "--config", str(config_file), "--vgg-weights", "random", "--seed", "2"])
+    config = train_config_from_args(args)
+    assert (config.vgg_weights, config.method, config.epochs, config.seed) == ("random", "cmedl", 3, 2)
+    # without the flag the file's value stays; --set still applies after the named flags
+    assert train_config_from_args(parser.parse_args(["train", "--config", str(config_file)])).vgg_weights == (
+        "/weights/vgg16.pth"
+    )
+    args = parser.parse_args(["train", "--vgg-weights", "random", "--set", "vgg_weights=/other.pth"])
+    assert train_config_from_args(args).vgg_weights == "/other.pth"
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "cmedl" in text.replace("usage: cmedl", "") and "ct_only" in text and "--vgg-weights" in text

@@ -12,8 +12,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import run_cmedl
 
+from cmedl.cli import main
 from cmedl.errors import InputError
-from cmedl.evaluate import evaluate, on_reference_grid, score_case
+from cmedl.evaluate import compare_predictions, evaluate, on_reference_grid, score_case
 from cmedl.metrics import segmentation_metrics
 
 
@@ -237,3 +238,95 @@ def test_the_command_line_compares_a_pseudo_mri_with_the_real_mri(tmp_path: Path
     assert refused.returncode == 3 and "not on the real image's grid" in refused.stderr
     wrong = run_cmedl("evaluate", "--images", "--csv", str(tmp_path / "x.csv"), str(mr), str(mr))
     assert wrong.returncode == 3 and not (tmp_path / "x.csv").exists()
+
+
+# -- two methods compared case by case ------------------------------------------------------------------------
+
+# 16 x 16 x 8 volumes; the reference is a 4 x 8 x 8 = 256-voxel box
+SMALL = (8, 16, 16)
+REFERENCE = box(SMALL, z=(2, 6), y=(4, 12), x=(4, 12))
+PERFECT = REFERENCE  # Dice 1
+HALF = box(SMALL, z=(2, 6), y=(4, 12), x=(8, 16))  # 128 of 256 voxels overlap: Dice 2 * 128 / 512 = 0.5
+INSIDE = box(SMALL, z=(2, 6), y=(4, 12), x=(4, 8))  # 128 voxels, all inside: Dice 2 * 128 / 384 = 2/3
+EMPTY = np.zeros(SMALL, dtype=np.uint8)  # Dice 0, HD95 infinite
+
+
+@pytest.fixture
+def two_methods(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """References c1-c4; method A predicts all four, method B (suffix _b) all but c3."""
+    references, method_a, method_b = tmp_path / "labels", tmp_path / "a", tmp_path / "b"
+    for case in ("c1", "c2", "c3", "c4"):
+        write_case(references, f"{case}.nii.gz", REFERENCE)
+    for case, array in (("c1", PERFECT), ("c2", INSIDE), ("c3", HALF), ("c4", PERFECT)):
+        write_case(method_a, f"{case}.nii.gz", array)
+    for case, array in (("c1", HALF), ("c2", INSIDE), ("c4", EMPTY)):
+        write_case(method_b, f"{case}_b.nii.gz", array)
+    return method_a, method_b, references
+
+
+def surface_dice(array: np.ndarray) -> float:
+    return segmentation_metrics(array > 0, REFERENCE > 0, (2.0, 0.8, 0.8), 2.0)["surface_dice"]
+
+
+def test_two_methods_are_paired_by_case_and_compared(two_methods: tuple[Path, Path, Path]) -> None:
+    method_a, method_b, references = two_methods
+    report = compare_predictions(method_a, method_b, references, strip_b="_b", names=("cmedl", "ct_only"))
+    assert [pair.case for pair in report.cases] == ["c1", "c2", "c4"]
+    assert report.missing == {"cmedl": [], "ct_only": ["c3"]}
+    # Dice A - B: c1 1 - 0.5, c2 2/3 - 2/3, c4 1 - 0
+    assert [pair.difference("dice") for pair in report.cases] == pytest.approx([0.5, 0.0, 1.0])
+    expected_surface = [1.0 - surface_dice(HALF), 0.0, 1.0 - surface_dice(EMPTY)]
+    assert [pair.difference("surface_dice") for pair in report.cases] == pytest.approx(expected_surface)
+    dice = report.comparison()["dice"]
+    assert (dice["n"], dice["a_better"], dice["b_better"], dice["ties"]) == (3, 2, 0, 1)
+    assert dice["mean_a"] == pytest.approx((1 + 2 / 3 + 1) / 3) and dice["mean_difference"] == pytest.approx(0.5)
+    # the tie is dropped; two positive differences ranked 1 and 2: W = 0, exact two-sided p = 2 * 1/4
+    assert dice["wilcoxon_statistic"] == 0 and dice["wilcoxon_p"] == pytest.approx(0.5)
+    assert math.isinf(report.cases[2].b.hd95_mm)
+
+
+def test_the_command_line_compares_two_methods_as_json_csv_and_text(
+    two_methods: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    method_a, method_b, references = two_methods
+    table = tmp_path / "paired.csv"
+    arguments = ["evaluate", str(method_a), str(references), "--compare", str(method_b), "--strip-b", "_b"]
+    assert main([*arguments, "--names", "cmedl,ct only", "--csv", str(table), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["names"] == ["cmedl", "ct only"] and printed["missing"] == {"cmedl": [], "ct only": ["c3"]}
+    assert [case["case"] for case in printed["cases"]] == ["c1", "c2", "c4"]
+    assert printed["cases"][0]["difference"]["dice"] == pytest.approx(0.5)
+    assert printed["cases"][2]["b"]["hd95_mm"] == math.inf  # written as Infinity, like the single-method output
+    dice = printed["comparison"]["dice"]
+    assert (dice["n"], dice["a_better"], dice["b_better"], dice["ties"]) == (3, 2, 0, 1)
+    assert set(printed["comparison"]) == {"dice", "surface_dice"}
+
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == [
+        "case", "dice_cmedl", "dice_ct_only", "dice_diff", "surface_dice_cmedl", "surface_dice_ct_only",
+        "surface_dice_diff", "hd95_cmedl", "hd95_ct_only",
+    ]  # fmt: skip
+    assert [row["case"] for row in rows] == ["c1", "c2", "c4"]
+    assert [float(row["dice_diff"]) for row in rows] == pytest.approx([0.5, 0.0, 1.0])
+    assert float(rows[1]["dice_cmedl"]) == pytest.approx(2 / 3) and rows[2]["hd95_ct_only"] == "inf"
+
+    assert main(arguments) == 0
+    text = capsys.readouterr().out
+    assert "Dice: A 0.889 vs B 0.389, mean difference +0.500" in text
+    assert "A better in 2, B in 0, ties 1, Wilcoxon p = 0.5 (n = 3)" in text
+    assert "no prediction of B for case c3: not compared" in text
+
+
+def test_comparing_without_a_common_case_or_with_a_missing_folder_is_bad_input(
+    two_methods: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    method_a, method_b, references = two_methods
+    only_c3 = tmp_path / "only_c3"
+    write_case(only_c3, "c3.nii.gz", HALF)
+    with pytest.raises(InputError, match="no case has a prediction in both"):
+        compare_predictions(only_c3, method_b, references, strip_b="_b")
+    assert main(["evaluate", str(method_a), str(references), "--compare", str(tmp_path / "nowhere")]) == 3
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "not found" in error
+    assert main(["evaluate", str(method_a), str(references), "--compare", str(method_b), "--names", "x"]) == 3

@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cmedl import __version__
 from cmedl.errors import CMEDLError, ConfigError, InputError, NotCTError
@@ -25,6 +25,7 @@ from cmedl.progress import JsonLinesProgress, Progress, TextProgress
 
 if TYPE_CHECKING:  # the engine modules load on demand: `cmedl --help` stays fast
     from cmedl.evaluate import EvaluationReport
+    from cmedl.training.config import TrainConfig
 
 Handler = Callable[[argparse.Namespace, Progress], int]
 
@@ -169,7 +170,11 @@ def _run_lungs(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("train", help="train a segmentor (ct_only) on CT images/ and labels/")
+    about = (
+        "train a segmentor with either method: ct_only on CT images/ and labels/, or cmedl (CT plus unpaired MRI "
+        "images/ given with --mr and --method cmedl)"
+    )
+    parser = commands.add_parser("train", help=about, description=about)
     parser.add_argument("--config", help="JSON configuration file (command-line values override it)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     parser.add_argument("--method", choices=["ct_only", "cmedl"])
@@ -183,15 +188,19 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--patch-size", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--vgg-weights",
+        metavar="PATH|random",
+        help="VGG16 weights of the cmedl contextual loss: a torchvision state dict file, or 'random' "
+        "(default: ImageNet weights from the torch hub cache)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config value")
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_train)
 
 
-def _run_train(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.training.config import TrainConfig
-    from cmedl.training.trainer import Trainer
-
+def _named_train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration values given with named flags (the ones left out are None and not returned)."""
     named = {
         "method": args.method,
         "ct": args.ct,
@@ -204,18 +213,33 @@ def _run_train(args: argparse.Namespace, progress: Progress) -> int:
         "patch_size": args.patch_size,
         "device": args.device,
         "seed": args.seed,
+        "vgg_weights": args.vgg_weights,
     }
-    named = {key: value for key, value in named.items() if value is not None}
+    return {key: value for key, value in named.items() if value is not None}
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A new run's configuration: the --config file, then the named flags, then --set, each overriding the last."""
+    from cmedl.training.config import TrainConfig
+
+    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    return TrainConfig.from_dict({**config.to_dict(), **_named_train_values(args)}).with_overrides(args.set)
+
+
+def _run_train(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.training.config import TrainConfig
+    from cmedl.training.trainer import Trainer
+
+    named = _named_train_values(args)
     if args.resume:
         if args.config or {"method", "ct", "mr", "out", "segmentor"} & set(named):
             raise InputError("--resume continues a run as configured; only --epochs, --device and --set may change")
         overrides = TrainConfig.from_dict({}).with_overrides(args.set)
         changed = {key: getattr(overrides, key) for key in (s.split("=", 1)[0].strip() for s in args.set)}
-        trainer = Trainer.resume_run(args.resume, progress, **changed, **named)
+        # --set is applied last, as for a new run (and a key given both ways is then passed once)
+        trainer = Trainer.resume_run(args.resume, progress, **{**named, **changed})
     else:
-        config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-        config = TrainConfig.from_dict({**config.to_dict(), **named}).with_overrides(args.set)
-        trainer = Trainer(config, progress)
+        trainer = Trainer(train_config_from_args(args), progress)
     status = trainer.fit()
     progress.done({"run": str(trainer.run.path), **status})
     if args.progress != "json":
@@ -233,6 +257,12 @@ def _add_phantom(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--mr", type=int, default=4, help="number of MRI cases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=512, help="in-plane matrix size (smaller = coarser spacing)")
+    parser.add_argument("--ct-contrast", type=float, default=None, metavar="HU",
+                        help="CT tumour minus mediastinal soft tissue in HU, e.g. -15 (default: 3-9 HU below)")
+    parser.add_argument("--stratified", action="store_true",
+                        help="two tumours per case at set sites, each site in two of every three cases")
+    parser.add_argument("--paired-mr", action="store_true",
+                        help="also write the MR of each CT case's anatomy under ct/paired_mr/")
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_phantom)
 
@@ -251,10 +281,14 @@ def _run_phantom(args: argparse.Namespace, progress: Progress) -> int:
         seed=args.seed,
         size=args.size,
         progress=lambda done, total: progress.update("phantom", done, total, "cases"),
+        ct_tumour_contrast=args.ct_contrast,
+        stratified=args.stratified,
+        paired_mr=args.paired_mr,
     )
     progress.done({"out": str(args.out)})
     if args.progress != "json":
-        print(f"{args.out}: {args.ct} CT and {args.mr} MRI phantom cases")
+        contrast = "" if args.ct_contrast is None else f", CT tumour contrast {args.ct_contrast:+g} HU"
+        print(f"{args.out}: {args.ct} CT and {args.mr} MRI phantom cases{contrast}")
     return 0 if summary is not None else 1
 
 
@@ -313,6 +347,15 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--csv", default=None, help="also write one row per case to this CSV file")
     parser.add_argument("--json", action="store_true", help="print the cases and the summary as JSON")
     parser.add_argument(
+        "--compare",
+        metavar="PRED_B",
+        default=None,
+        help="a second method's predictions of the same cases: paired Dice and surface Dice differences, "
+        "Wilcoxon signed-rank p and bootstrap 95%% CI of the mean difference",
+    )
+    parser.add_argument("--strip-b", default=None, help="suffix removed from PRED_B names (default: --strip)")
+    parser.add_argument("--names", default="A,B", help="names of the two methods with --compare (default A,B)")
+    parser.add_argument(
         "--images",
         action="store_true",
         help="compare synthesised images (pseudo-MRI) with real images instead: KL divergence, PSNR, SSIM",
@@ -325,8 +368,8 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
     from cmedl.evaluate import evaluate, evaluate_translations, write_csv
 
     if args.images:
-        if args.csv or args.label is not None:
-            raise InputError("--csv and --label apply to label maps, not to --images")
+        if args.csv or args.label is not None or args.compare:
+            raise InputError("--csv, --label and --compare apply to label maps, not to --images")
         result = evaluate_translations(args.predictions, args.references, args.strip, progress)
         progress.done(result["summary"])
         if args.json:
@@ -334,6 +377,8 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
         else:
             _print_translation_scores(result)
         return 0
+    if args.compare:
+        return _run_compare(args, progress)
     report = evaluate(args.predictions, args.references, args.tolerance, args.label, args.strip, progress)
     if args.csv:
         write_csv(report, args.csv)
@@ -342,6 +387,34 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
         _print_json(report.to_dict())
     else:
         _print_segmentation_scores(report)
+    return 0
+
+
+def _run_compare(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.evaluate import compare_predictions, format_comparison, write_comparison_csv
+
+    names = args.names.split(",")
+    if len(names) != 2:
+        raise InputError(f"--names takes two names separated by a comma, got {args.names!r}")
+    report = compare_predictions(
+        args.predictions,
+        args.compare,
+        args.references,
+        strip_a=args.strip,
+        strip_b=args.strip if args.strip_b is None else args.strip_b,
+        tolerance_mm=args.tolerance,
+        label=args.label,
+        names=(names[0], names[1]),
+        progress=progress,
+    )
+    if args.csv:
+        write_comparison_csv(report, args.csv)
+    result = report.to_dict()
+    progress.done(result["comparison"])
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_comparison(report))
     return 0
 
 

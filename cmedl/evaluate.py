@@ -10,6 +10,10 @@ Folders are matched by file stem (``case_001.nii.gz`` <-> ``case_001.seg.nrrd``)
 from prediction stems first (``case_001_tumour`` -> ``case_001``). References without a prediction are listed and
 left out of the summary; so are predictions without a reference.
 
+Two methods' predictions of the same cases are compared case by case (:func:`compare_predictions`): each is scored
+against the same references, and the paired Dice and surface Dice differences are tested with
+:func:`cmedl.comparison.paired_comparison` (Wilcoxon signed-rank test, bootstrap interval of the mean difference).
+
 Synthesised images (pseudo-MRI from ``cmedl translate``) are scored against real images of the same anatomy on
 the same grid with :mod:`cmedl.image_similarity`: KL divergence of intensities, PSNR and SSIM.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from cmedl.comparison import paired_comparison
 from cmedl.errors import InputError
 from cmedl.image_similarity import image_similarity
 from cmedl.metrics import segmentation_metrics
@@ -220,6 +226,173 @@ def write_csv(report: EvaluationReport, path: str | Path) -> Path:
         for case in report.cases:
             writer.writerow(asdict(case))
     return path
+
+
+#: the metrics two methods are compared on; HD95 is left out, since it is infinite for an empty mask
+COMPARED_METRICS = ("dice", "surface_dice")
+
+
+@dataclass
+class PairedScores:
+    """One case scored for both methods against the same reference."""
+
+    case: str
+    a: CaseScore
+    b: CaseScore
+
+    def difference(self, metric: str) -> float:
+        """``metric`` of A minus that of B (positive: A scored higher)."""
+        return float(getattr(self.a, metric) - getattr(self.b, metric))
+
+
+@dataclass
+class ComparisonReport:
+    """Two methods' predictions scored against one reference folder, paired by case."""
+
+    names: tuple[str, str]
+    tolerance_mm: float
+    cases: list[PairedScores] = field(default_factory=list)
+    #: per method name: reference cases without a prediction of that method (left out of the comparison)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    #: per method name: prediction files without a reference
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+
+    def comparison(self, n_bootstrap: int = 10000, seed: int = 0) -> dict[str, dict[str, Any]]:
+        """Per compared metric, :func:`cmedl.comparison.paired_comparison` of A against B over the paired cases."""
+        return {
+            metric: paired_comparison(
+                [getattr(pair.a, metric) for pair in self.cases],
+                [getattr(pair.b, metric) for pair in self.cases],
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+            )
+            for metric in COMPARED_METRICS
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "tolerance_mm": self.tolerance_mm,
+            "cases": [
+                {
+                    "case": pair.case,
+                    "a": asdict(pair.a),
+                    "b": asdict(pair.b),
+                    "difference": {metric: pair.difference(metric) for metric in COMPARED_METRICS},
+                }
+                for pair in self.cases
+            ],
+            "comparison": self.comparison(),
+            "missing": self.missing,
+            "unmatched": self.unmatched,
+        }
+
+
+def compare_predictions(
+    pred_a: str | Path,
+    pred_b: str | Path,
+    reference: str | Path,
+    *,
+    strip_a: str = "",
+    strip_b: str = "",
+    tolerance_mm: float = 2.0,
+    label: int | None = None,
+    names: tuple[str, str] = ("A", "B"),
+    progress: Progress | None = None,
+) -> ComparisonReport:
+    """Score two methods' predictions (files or folders) against the same references and pair them by case.
+
+    Each folder is scored with :func:`evaluate`; only cases with a prediction of both methods are compared, the
+    others are listed in ``missing`` under the name of the method that has no prediction for them.
+
+    Raises:
+        InputError: a path is missing, the two names are empty or equal, or no case has both predictions.
+    """
+    name_a, name_b = (name.strip() for name in names)
+    if not name_a or not name_b or name_a == name_b:
+        raise InputError(f"give two different, non-empty method names, got {names[0]!r} and {names[1]!r}")
+    report_a = evaluate(pred_a, reference, tolerance_mm, label, strip_a, progress)
+    report_b = evaluate(pred_b, reference, tolerance_mm, label, strip_b, progress)
+    scores_b = {score.case: score for score in report_b.cases}
+    pairs = [PairedScores(a.case, a, scores_b[a.case]) for a in report_a.cases if a.case in scores_b]
+    if not pairs:
+        raise InputError(f"no case has a prediction in both {pred_a} and {pred_b}")
+    return ComparisonReport(
+        names=(name_a, name_b),
+        tolerance_mm=tolerance_mm,
+        cases=pairs,
+        # a reference either method did not predict; stems, so that the lists name cases, not files
+        missing={
+            name_a: sorted(stem_of(name) for name in report_a.missing_predictions),
+            name_b: sorted(stem_of(name) for name in report_b.missing_predictions),
+        },
+        unmatched={name_a: report_a.unmatched_predictions, name_b: report_b.unmatched_predictions},
+    )
+
+
+def write_comparison_csv(report: ComparisonReport, path: str | Path) -> Path:
+    """One row per paired case: each method's Dice, surface Dice and HD95 and the differences, written atomically.
+
+    Column names carry the method names (``dice_cmedl``), reduced to letters, digits and underscores.
+    """
+    path = Path(path)
+    label_a, label_b = (_column_name(name) for name in report.names)
+    if label_a == label_b:
+        raise InputError(f"the method names {report.names[0]!r} and {report.names[1]!r} give the same CSV columns")
+    columns = ["case"]
+    for metric in COMPARED_METRICS:
+        columns += [f"{metric}_{label_a}", f"{metric}_{label_b}", f"{metric}_diff"]
+    columns += [f"hd95_{label_a}", f"hd95_{label_b}"]
+    with atomic_output(path) as temp, open(temp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for pair in report.cases:
+            row: list[Any] = [pair.case]
+            for metric in COMPARED_METRICS:
+                row += [getattr(pair.a, metric), getattr(pair.b, metric), pair.difference(metric)]
+            row += [pair.a.hd95_mm, pair.b.hd95_mm]
+            writer.writerow(row)
+    return path
+
+
+def format_comparison(report: ComparisonReport) -> str:
+    """The comparison as text: a per-case table, one summary line per metric, then what was left out."""
+    name_a, name_b = report.names
+    titles = {"dice": "Dice", "surface_dice": f"surface Dice ({report.tolerance_mm:g} mm)"}
+    short = {"dice": "Dice", "surface_dice": "sDSC"}
+    headers = []
+    for metric in COMPARED_METRICS:
+        headers += [f"{short[metric]} {name_a}", f"{short[metric]} {name_b}", f"{short[metric]} diff"]
+    widths = [max(7, len(header)) for header in headers]
+    case_width = max(28, *(len(pair.case) for pair in report.cases))
+    lines = [f"{'case':<{case_width}} " + " ".join(f"{h:>{w}}" for h, w in zip(headers, widths))]
+    for pair in report.cases:
+        cells = []
+        for metric in COMPARED_METRICS:
+            a, b = getattr(pair.a, metric), getattr(pair.b, metric)
+            cells += [f"{a:.3f}", f"{b:.3f}", f"{pair.difference(metric):+.3f}"]
+        lines.append(f"{pair.case:<{case_width}} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    for metric, result in report.comparison().items():
+        line = (
+            f"{titles[metric]}: {name_a} {result['mean_a']:.3f} vs {name_b} {result['mean_b']:.3f}, "
+            f"mean difference {result['mean_difference']:+.3f} ({result['confidence'] * 100:g}% CI "
+            f"{result['ci_low']:+.3f} to {result['ci_high']:+.3f}), {name_a} better in {result['a_better']}, "
+            f"{name_b} in {result['b_better']}, ties {result['ties']}, Wilcoxon p = {result['wilcoxon_p']:.2g} "
+            f"(n = {result['n']})"
+        )
+        if result["dropped"]:
+            line += f", {result['dropped']} case(s) with an undefined score left out"
+        if result["note"]:
+            line += f"; {result['note']}"
+        lines.append(line)
+    for name in report.names:
+        lines += [f"no prediction of {name} for case {case}: not compared" for case in report.missing[name]]
+        lines += [f"no reference for {name} prediction {file}" for file in report.unmatched[name]]
+    return "\n".join(lines)
+
+
+def _column_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "method"
 
 
 @dataclass
