@@ -55,7 +55,8 @@ def learning_rates(objective, epochs: int) -> list[float]:
 def test_ct_only_and_cmedl_students_follow_the_same_learning_rate_schedule() -> None:
     config = tiny_config(epochs=8, lr_decay_fraction=0.5)
     torch.manual_seed(0)
-    ct_only = CTOnlyObjective(TrainConfig.from_dict({**config.to_dict(), "method": "ct_only"}), torch.device("cpu"), None)
+    ct_only_config = TrainConfig.from_dict({**config.to_dict(), "method": "ct_only"})
+    ct_only = CTOnlyObjective(ct_only_config, torch.device("cpu"), None)
     cmedl = CMEDLObjective(config, torch.device("cpu"), None)
     rates_ct_only, rates_cmedl = learning_rates(ct_only, 8), learning_rates(cmedl, 8)
     assert rates_ct_only == pytest.approx(rates_cmedl)
