@@ -29,15 +29,16 @@ was detected (any overlap). Statistics: scores are averaged over training seeds 
 arm is compared with CT only by :func:`cmedl.comparison.paired_comparison` (two-sided paired Wilcoxon p and a
 bootstrap 95% CI of the mean difference), overall, per contrast level and per stratum.
 
-Budget: runs are listed in a fixed order and can be split between processes (``--lane 1/2`` and ``--lane 2/2``
-side by side, after ``--prepare-only``); a finished run (and its evaluation) is reused by every later invocation,
-so the experiment grows over several invocations. ``--report-only`` writes ``results.json`` from what is finished.
+Budget: runs are listed in a fixed order (the main arms seed by seed, then the control arms) and any number of
+worker processes started on the same ``--out`` share them, each claiming the next run nobody holds; a finished
+run (and its evaluation) is reused by every later invocation, so the experiment grows over several invocations
+and a worker that died is taken over. ``--report-only`` writes ``results.json`` from what is finished.
 
 Usage::
 
     python benchmarks/cmedl_vs_ct_only.py --out OUT --prepare-only
-    python benchmarks/cmedl_vs_ct_only.py --out OUT --lane 1/2 &
-    python benchmarks/cmedl_vs_ct_only.py --out OUT --lane 2/2
+    python benchmarks/cmedl_vs_ct_only.py --out OUT &    # two workers, one torch thread each
+    python benchmarks/cmedl_vs_ct_only.py --out OUT
     python benchmarks/cmedl_vs_ct_only.py --out OUT --report-only
 """
 
@@ -94,16 +95,20 @@ ARMS: dict[str, dict[str, Any]] = {
 # "gpu": larger phantoms, networks and budgets for a GPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "size": 128, "ct": 8, "mr": 16, "val": 6, "test": 24, "patch": 64, "spacing": 3.0, "epochs": 24,
-        "iterations": 50, "batch": 2, "base_channels": 8, "translator_channels": 8, "translator_blocks": 2,
+        "size": 128, "ct": 8, "mr": 16, "val": 6, "test": 24, "patch": 64, "spacing": 3.0, "epochs": 12,
+        "iterations": 100, "batch": 2, "base_channels": 8, "translator_channels": 8, "translator_blocks": 2,
         "cx_positions": 256, "device": "cpu", "threads": 1, "contrasts": "-25,-8",
         "arms": "ct_only,oracle,cmedl", "seeds": 3,
+        "control_arms": "oracle_hint0,oracle_hint_to_teacher,cmedl_hint_to_teacher,oracle_seg5,cmedl_hint0",
+        "control_contrast": -8.0,
     },
     "gpu": {
         "size": 256, "ct": 8, "mr": 24, "val": 8, "test": 30, "patch": 128, "spacing": 2.0, "epochs": 40,
         "iterations": 100, "batch": 8, "base_channels": 16, "translator_channels": 32, "translator_blocks": 6,
         "cx_positions": 1024, "device": "auto", "threads": None, "contrasts": "-25,-15,-8",
-        "arms": "ct_only,oracle,cmedl,cmedl_hint0,cmedl_hint_to_teacher", "seeds": 3,
+        "arms": "ct_only,oracle,cmedl", "seeds": 3,
+        "control_arms": "oracle_hint0,cmedl_hint0,oracle_hint_to_teacher,cmedl_hint_to_teacher,oracle_seg5",
+        "control_contrast": -8.0,
     },
 }  # fmt: skip
 
@@ -117,6 +122,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--arms", help=f"comma-separated arms among {', '.join(ARMS)}")
     parser.add_argument("--contrasts", help="CT tumour contrast levels in HU, comma-separated (e.g. -25,-8)")
+    parser.add_argument("--control-arms", help="arms trained after the others, at --control-contrast only")
+    parser.add_argument("--control-contrast", type=float, help="the contrast level of the control arms")
     parser.add_argument("--seeds", type=int, help="training seeds 0..N-1 per arm and contrast")
     parser.add_argument("--data-seed", type=int, default=7, help="dataset seed; validation and test use +1 and +2")
     for name in ("ct", "mr", "val", "test", "size", "patch", "epochs", "iterations", "batch", "base-channels",
@@ -128,7 +135,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-device", default="cpu")
     parser.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance, mm")
     parser.add_argument("--tumour-margin", type=float, default=10.0, help="per-tumour neighbourhood, mm")
-    parser.add_argument("--lane", default="1/1", help="K/N: train and evaluate every N-th run starting at the K-th")
     parser.add_argument("--prepare-only", action="store_true", help="write the phantom sets and stop")
     parser.add_argument("--report-only", action="store_true", help="no training: report the finished runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training value, all arms")
@@ -137,14 +143,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.arms = [arm.strip() for arm in str(args.arms).split(",") if arm.strip()]
-    unknown = [arm for arm in args.arms if arm not in ARMS]
+    args.control_arms = [arm.strip() for arm in str(args.control_arms or "").split(",") if arm.strip()]
+    unknown = [arm for arm in args.arms + args.control_arms if arm not in ARMS]
     if unknown:
         parser.error(f"unknown arm(s): {', '.join(unknown)}")
     args.contrasts = [float(value) for value in str(args.contrasts).split(",") if value.strip()]
-    lane, _, lanes = args.lane.partition("/")
-    args.lane_index, args.lanes = int(lane) - 1, int(lanes or 1)
-    if not 0 <= args.lane_index < args.lanes:
-        parser.error("--lane must be K/N with 1 <= K <= N")
+    if args.control_arms and args.control_contrast not in args.contrasts:
+        parser.error("--control-contrast must be one of --contrasts (the control arms need its ct_only runs)")
     return args
 
 
@@ -153,8 +158,34 @@ def contrast_tag(contrast: float) -> str:
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[int, float, str]]:
-    """(seed, contrast, arm) in the order they are trained: whole seeds first, so a partial session is balanced."""
-    return [(seed, contrast, arm) for seed in range(args.seeds) for contrast in args.contrasts for arm in args.arms]
+    """(seed, contrast, arm) in the order they are trained: the main arms seed by seed, so that a partial
+    experiment is balanced, then each control arm with all its seeds, so that a partial one has complete arms."""
+    main = [(seed, contrast, arm) for seed in range(args.seeds) for contrast in args.contrasts for arm in args.arms]
+    controls = [(seed, args.control_contrast, arm) for arm in args.control_arms for seed in range(args.seeds)]
+    return main + controls
+
+
+def claim(run: Path) -> bool:
+    """Take ``run`` for this process unless another live process holds it (workers share one plan this way)."""
+    marker = run.parent / f"{run.name}.claim"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            descriptor = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(marker.read_text() or "0")
+                os.kill(holder, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                marker.unlink(missing_ok=True)  # its holder died: take it over
+                continue
+            except PermissionError:
+                return False
+            return holder == os.getpid()
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
 
 
 def train_config(args: argparse.Namespace, arm: str, seed: int, data: Path, out: Path) -> TrainConfig:
@@ -545,21 +576,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = planned_runs(args)
     records, case_rows, tumour_rows, teacher_rows, translation_rows, configs = [], [], [], [], [], {}
-    for index, (seed, contrast, arm) in enumerate(plan):
+    for seed, contrast, arm in plan:
         root, descriptions = data[contrast]
         config = train_config(args, arm, seed, root, args.out / "runs" / contrast_tag(contrast) / f"{arm}_seed{seed}")
         configs.setdefault(arm, {k: v for k, v in config.to_dict().items() if k not in ("out", "seed", "name")})
-        mine = index % args.lanes == args.lane_index
-        finished = (Path(config.out) / TIMING_FILE).exists()
-        if args.report_only or not mine:
-            if not finished:
+        evaluated = (Path(config.out) / EVALUATION_FILE).exists()
+        if args.report_only:
+            if not evaluated:
                 continue
+        elif not evaluated and not claim(Path(config.out)):
+            continue  # another worker trains and evaluates it
         record = train(config, arm)
         cases = test_cases(descriptions["test"], root / "test")
         test_key = hashlib.sha256(json.dumps(descriptions["test"], sort_keys=True).encode()).hexdigest()[:16]
-        cached = Path(config.out) / EVALUATION_FILE
-        if not mine and not cached.exists():
-            continue  # the other lane evaluates it
         evaluation = evaluate_run(config, arm, cases, test_key, args)
         records.append({**record, "contrast": contrast})
         base = {"arm": arm, "seed": seed, "contrast": contrast}
@@ -601,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         },
     }  # fmt: skip
-    name = "results.json" if args.lanes == 1 else f"results_lane{args.lane_index + 1}.json"
+    name = "results.json" if args.report_only else f"results_worker{os.getpid()}.json"
     (args.out / name).write_text(json.dumps(results, indent=1, default=str, allow_nan=True) + "\n")
     log(f"wrote {args.out / name}")
     return 0

@@ -68,6 +68,9 @@ class Datasets:
     lists: dict[str, list[str]]
 
 
+VALIDATION_MIN_BATCH = 8
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -394,7 +397,9 @@ class Trainer:
                 num_classes=2,
                 patch=self.config.patch_size,
                 overlap=self.config.validation_overlap,
-                batch_size=max(1, self.config.batch_size),
+                # Inference results do not depend on the batch (BatchNorm uses its running statistics), and
+                # batches of 8 or more tiles run about twice as fast as training's small batches on a CPU.
+                batch_size=max(VALIDATION_MIN_BATCH, self.config.batch_size),
                 device=self.device,
             ):
                 predicted[z - low] = probabilities[1] >= 0.5
