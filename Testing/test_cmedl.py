@@ -157,6 +157,8 @@ def test_a_tiny_cmedl_run_exports_a_student_that_segments(unpaired: Path, tmp_pa
     assert model.card.method == "cmedl"
     assert model.card.training["lambda_cyc"] == 10.0 and model.card.training["lambda_seg"] == 5.0
     assert any("randomly initialised VGG16" in line for line in model.card.training["deviations"])
+    info = run_cmedl("info", str(run.model_path))
+    assert "deviations from the paper:" in info.stdout and "hint_to_teacher=false" in info.stdout
     assert model.card.training_data["paired"] is False and model.card.training_data["mr_cases"] == 2
     with torch.no_grad():
         assert model.network(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)

@@ -328,6 +328,10 @@ def _run_info(args: argparse.Namespace, progress: Progress) -> int:
     ]
     if card.get("description"):
         lines.append(f"description:   {card['description']}")
+    deviations = (card.get("training") or {}).get("deviations") or []
+    if deviations:
+        lines.append("deviations from the paper:")
+        lines.extend(f"  - {deviation}" for deviation in deviations)
     print("\n".join(lines))
     return 0
 
