@@ -539,6 +539,19 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
               + " / ".join(f"{s['detected'][k]:.2f}" for k in LOCATIONS) + " | "
               + ", ".join(f"{v:.3f}" for v in s["best_validation_dice"])
               + f" | {s['training_minutes']:.1f} |")  # fmt: skip
+    final_losses: dict[str, dict[str, float]] = {}
+    for arm in arms:
+        for contrast in contrasts:
+            last = [r["epochs"][-1] for r in records if r["arm"] == arm and r["contrast"] == contrast]
+            terms = sorted({key for epoch in last for key in epoch if key.startswith("loss_")})
+            if last:
+                final_losses[f"{arm} {contrast:+g}"] = {
+                    term[5:]: float(np.mean([epoch[term] for epoch in last if term in epoch])) for term in terms
+                }
+    print()
+    print("Loss terms of the last epoch (mean over seeds):")
+    for name, terms in final_losses.items():
+        print(f"  {name:<28} " + ", ".join(f"{term} {value:.3f}" for term, value in terms.items()))
     curves = training_curves(records)
     print()
     print("Validation Dice (mean over seeds) by epoch:")
@@ -564,7 +577,8 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
         )
         for name, values in teacher.items():
             print(f"  {name:<28} " + ", ".join(f"{key} {value:.3f}" for key, value in values.items()))
-    return {"comparisons": comparisons, "summary": summary, "validation_curves": curves, "translator_teacher": teacher}
+    return {"comparisons": comparisons, "summary": summary, "validation_curves": curves, "translator_teacher": teacher,
+            "final_losses": final_losses}  # fmt: skip
 
 
 # -- main --------------------------------------------------------------------------------------------------

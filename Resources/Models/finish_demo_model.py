@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from cmedl.modelfile import load_model, save_model
+from cmedl.training.config import TrainConfig, paper_deviations
 
 PHANTOM_COMMAND = "cmedl phantom data --ct 20 --mr 10 --seed 7 --size 256"
 
@@ -35,7 +36,15 @@ def finish(run_model: Path, destination: Path) -> Path:
     data["mr_folder"] = f"synthetic phantoms: {PHANTOM_COMMAND}, mr/"
     data["real_patients"] = 0
     card.training_data = data
+    card.training = {**card.training, "deviations": deviations_of(card.training)}
     return save_model(destination, model.network, card)
+
+
+def deviations_of(training: dict) -> list[str]:
+    """The paper deviations of the run a card describes, from the training values the card records."""
+    known = set(TrainConfig.field_names())
+    values = {key: value for key, value in training.items() if key in known and key != "deviations"}
+    return paper_deviations(TrainConfig.from_dict({**values, "method": "cmedl"}))
 
 
 if __name__ == "__main__":
