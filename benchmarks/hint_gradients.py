@@ -96,8 +96,9 @@ def measure(run: Path, batches: int, at_init: bool) -> dict[str, Any]:
         g_hint, g_dice = student_gradient(objective, hint), student_gradient(objective, dice)
         norm_hint, norm_dice = float(g_hint.norm()), float(g_dice.norm())
         cosine = float(torch.dot(g_hint, g_dice) / (norm_hint * norm_dice)) if norm_hint and norm_dice else 0.0
-        rows.append({"hint": float(hint), "dice": float(dice), "grad_hint": norm_hint, "grad_dice": norm_dice,
-                     "ratio": norm_hint / norm_dice if norm_dice else float("inf"), "cosine": cosine})  # fmt: skip
+        rows.append({"hint": float(hint.detach()), "dice": float(dice.detach()), "grad_hint": norm_hint,
+                     "grad_dice": norm_dice, "ratio": norm_hint / norm_dice if norm_dice else float("inf"),
+                     "cosine": cosine})  # fmt: skip
     summary = {key: float(np.median([row[key] for row in rows])) for key in rows[0]}
     return {"run": str(run), "epoch": epoch, "teacher_input": config.teacher_input, "batches": len(rows),
             "median": summary, "rows": rows}  # fmt: skip
