@@ -52,6 +52,7 @@ def learning_rates(objective, epochs: int) -> list[float]:
     return rates
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimiser steps here
 def test_ct_only_and_cmedl_students_follow_the_same_learning_rate_schedule() -> None:
     config = tiny_config(epochs=8, lr_decay_fraction=0.5)
     torch.manual_seed(0)
