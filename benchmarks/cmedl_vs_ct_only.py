@@ -94,7 +94,7 @@ ARMS: dict[str, dict[str, Any]] = {
 # Labelled CT is kept scarce (8 cases), where distillation is expected to matter most; MRI is more plentiful.
 # Its segmentor learning rate is 5e-4 (the paper's 2e-4 in the GPU preset), the same in every arm: at 2e-4 the
 # CT-only student's validation Dice was still climbing steeply after 1,200 steps (0.10 at the last epoch), while
-# at 5e-4 it levelled off within 2,000 steps (0.17-0.22 over the last 8 epochs at -8 HU), which the comparison
+# at 5e-4 it levelled off within 2,000 steps (0.18-0.23 over the last 8 epochs at -8 HU), which the comparison
 # needs: a baseline that has stopped improving within the budget.
 # "gpu": larger phantoms, networks and budgets for a GPU.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -437,19 +437,26 @@ def seed_means(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tupl
 
 
 def compare_arms(rows: list[dict], unit: tuple[str, ...], value: str, arms: list[str], where=None) -> dict[str, Any]:
-    """Each arm against ct_only, paired over units (seed-averaged), among the rows ``where`` accepts."""
+    """Each arm against ct_only, paired over units (seed-averaged), among the rows ``where`` accepts.
+
+    Only the training seeds both arms finished are averaged, so that an arm with fewer finished seeds is compared
+    with ct_only on the same seeds; the seeds used are recorded with each result.
+    """
     selected = [row for row in rows if where is None or where(row)]
-    means = seed_means(selected, ("arm", *unit), value)
     out = {}
     for arm in arms:
         if arm == "ct_only":
             continue
+        seeds = sorted({r["seed"] for r in selected if r["arm"] == arm} & {r["seed"] for r in selected
+                                                                           if r["arm"] == "ct_only"})  # fmt: skip
+        means = seed_means([r for r in selected if r["seed"] in seeds], ("arm", *unit), value)
         units = sorted(key[1:] for key in means if key[0] == arm and ("ct_only", *key[1:]) in means)
         if not units:
             continue
         out[arm] = paired_comparison(
             [means[(arm, *u)] for u in units], [means[("ct_only", *u)] for u in units], n_bootstrap=10000, seed=0
         )
+        out[arm]["seeds"] = seeds
     return out
 
 
@@ -477,7 +484,8 @@ def fmt(result: dict[str, Any]) -> str:
     return (
         f"{result['mean_a']:.3f} vs {result['mean_b']:.3f}, diff {result['mean_difference']:+.3f} "
         f"[{result['ci_low']:+.3f}, {result['ci_high']:+.3f}], p = {result['wilcoxon_p']:.3g} "
-        f"(n {result['n']}; better {result['a_better']} / worse {result['b_better']} / ties {result['ties']})"
+        f"(n {result['n']}; better {result['a_better']} / worse {result['b_better']} / ties {result['ties']}; "
+        f"seeds {','.join(str(seed) for seed in result['seeds'])})"
     )
 
 
