@@ -521,6 +521,8 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
             selected = [r for r in case_rows if r["arm"] == arm and r["contrast"] == contrast]
             tumours = [r for r in tumour_rows if r["arm"] == arm and r["contrast"] == contrast]
             runs = [r for r in records if r["arm"] == arm and r["contrast"] == contrast]
+            if not selected:
+                continue
             summary[f"{arm} {contrast:+g}"] = {
                 "runs": len(runs),
                 "case_dice": float(np.mean([r["dice"] for r in selected])),
