@@ -502,6 +502,12 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
         comparisons[f"case_dice {contrast:+g}"] = compare_arms(
             case_rows, ("case",), "dice", arms, lambda r, c=contrast: r["contrast"] == c
         )
+        comparisons[f"tumour_dice {contrast:+g}"] = compare_arms(
+            tumour_rows, ("case", "tumour_id"), "dice", arms, lambda r, c=contrast: r["contrast"] == c
+        )
+        comparisons[f"tumour_detected {contrast:+g}"] = compare_arms(
+            tumour_rows, ("case", "tumour_id"), "detected", arms, lambda r, c=contrast: r["contrast"] == c
+        )
         for stratum in LOCATIONS:
             comparisons[f"tumour_dice {contrast:+g} {stratum}"] = compare_arms(
                 tumour_rows, ("case", "tumour_id"), "dice", arms,
@@ -566,7 +572,7 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
     print()
     print("Validation Dice (mean over seeds) by epoch:")
     for name, curve in curves.items():
-        shown = [f"{epoch}:{value:.3f}" for epoch, value in curve.items() if epoch % 4 == 0 or epoch == 1]
+        shown = [f"{epoch}:{value:.3f}" for epoch, value in curve.items() if epoch % 2 == 0 or epoch == 1]
         print(f"  {name:<28} " + " ".join(shown))
     teacher = {}
     for arm in arms:
