@@ -533,6 +533,7 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
                 "runs": len(runs),
                 "case_dice": float(np.mean([r["dice"] for r in selected])),
                 "surface_dice": float(np.mean([r["surface_dice"] for r in selected])),
+                "predicted_over_true_volume": float(np.median([r["predicted_ml"] / r["truth_ml"] for r in selected])),
                 "tumour_dice": {
                     s: float(np.mean([r["dice"] for r in tumours if r["stratum"] == s])) for s in LOCATIONS
                 },
@@ -544,13 +545,15 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
             }
     print()
     print(
-        "| arm | contrast HU | runs | case Dice | surface Dice | tumour Dice: mediastinum / chest wall / parenchyma "
-        "| detected: med / wall / par | best val Dice per seed | training min/run |"
+        "| arm | contrast HU | runs | case Dice | surface Dice | predicted / true mL (median) "
+        "| tumour Dice: mediastinum / chest wall / parenchyma | detected: med / wall / par "
+        "| best val Dice per seed | training min/run |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
         arm, contrast = name.rsplit(" ", 1)
         print(f"| {arm} | {contrast} | {s['runs']} | {s['case_dice']:.3f} | {s['surface_dice']:.3f} | "
+              f"{s['predicted_over_true_volume']:.2f} | "
               + " / ".join(f"{s['tumour_dice'][k]:.3f}" for k in LOCATIONS) + " | "
               + " / ".join(f"{s['detected'][k]:.2f}" for k in LOCATIONS) + " | "
               + ", ".join(f"{v:.3f}" for v in s["best_validation_dice"])
