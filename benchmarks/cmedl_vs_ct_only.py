@@ -436,8 +436,10 @@ def seed_means(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tupl
     return {group: float(np.mean(values)) for group, values in groups.items()}
 
 
-def compare_arms(rows: list[dict], unit: tuple[str, ...], value: str, arms: list[str], where=None) -> dict[str, Any]:
-    """Each arm against ct_only, paired over units (seed-averaged), among the rows ``where`` accepts.
+def compare_arms(
+    rows: list[dict], unit: tuple[str, ...], value: str, arms: list[str], where=None, reference: str = "ct_only"
+) -> dict[str, Any]:
+    """Each arm against ``reference``, paired over units (seed-averaged), among the rows ``where`` accepts.
 
     Only the training seeds both arms finished are averaged, so that an arm with fewer finished seeds is compared
     with ct_only on the same seeds; the seeds used are recorded with each result.
@@ -445,16 +447,16 @@ def compare_arms(rows: list[dict], unit: tuple[str, ...], value: str, arms: list
     selected = [row for row in rows if where is None or where(row)]
     out = {}
     for arm in arms:
-        if arm == "ct_only":
+        if arm == reference:
             continue
         seeds = sorted({r["seed"] for r in selected if r["arm"] == arm} & {r["seed"] for r in selected
-                                                                           if r["arm"] == "ct_only"})  # fmt: skip
+                                                                           if r["arm"] == reference})  # fmt: skip
         means = seed_means([r for r in selected if r["seed"] in seeds], ("arm", *unit), value)
-        units = sorted(key[1:] for key in means if key[0] == arm and ("ct_only", *key[1:]) in means)
+        units = sorted(key[1:] for key in means if key[0] == arm and (reference, *key[1:]) in means)
         if not units:
             continue
         out[arm] = paired_comparison(
-            [means[(arm, *u)] for u in units], [means[("ct_only", *u)] for u in units], n_bootstrap=10000, seed=0
+            [means[(arm, *u)] for u in units], [means[(reference, *u)] for u in units], n_bootstrap=10000, seed=0
         )
         out[arm]["seeds"] = seeds
     return out
@@ -513,10 +515,37 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
                 tumour_rows, ("case", "tumour_id"), "dice", arms,
                 lambda r, c=contrast, s=stratum: r["contrast"] == c and r["stratum"] == s,
             )  # fmt: skip
+    # The hint's own effect: each arm against its lambda_hint = 0 twin, which shares its seeds, initial weights and
+    # every patch drawn (only the hint term differs), so training noise largely cancels out of the difference.
+    twins = {"oracle": "oracle_hint0", "oracle_seg5": "oracle_hint0", "oracle_hint_to_teacher": "oracle_hint0",
+             "cmedl": "cmedl_hint0", "cmedl_hint_to_teacher": "cmedl_hint0"}  # fmt: skip
+    for arm, twin in twins.items():
+        if arm not in arms or twin not in arms:
+            continue
+        for contrast in contrasts:
+            def at(r, c=contrast):
+                return r["contrast"] == c
+
+            for name, rows_, unit, value in (
+                ("case_dice", case_rows, ("case",), "dice"),
+                ("tumour_dice", tumour_rows, ("case", "tumour_id"), "dice"),
+                ("tumour_detected", tumour_rows, ("case", "tumour_id"), "detected"),
+            ):
+                found = compare_arms(rows_, unit, value, [arm], at, reference=twin)
+                if found:
+                    comparisons.setdefault(f"{name} {contrast:+g} vs {twin}", {}).update(found)
+            for stratum in LOCATIONS:
+                found = compare_arms(
+                    tumour_rows, ("case", "tumour_id"), "dice", [arm],
+                    lambda r, c=contrast, s=stratum: r["contrast"] == c and r["stratum"] == s, reference=twin,
+                )  # fmt: skip
+                if found:
+                    comparisons.setdefault(f"tumour_dice {contrast:+g} {stratum} vs {twin}", {}).update(found)
     print()
     print(
-        "Each arm against ct_only: mean (seed-averaged) score, arm vs ct_only, mean difference [bootstrap 95% CI],"
+        "Each arm against ct_only (or the twin named): mean (seed-averaged) score, arm vs reference, mean difference"
     )
+    print("[bootstrap 95% CI],")
     print("two-sided paired Wilcoxon p, over test anatomies (case) or test tumours (tumour).")
     for name, by_arm in comparisons.items():
         for arm, result in by_arm.items():
