@@ -113,7 +113,7 @@ def test_stop_signal_leaves_a_resumable_stopped_run(small_phantoms: Path, tmp_pa
     _wait_for(out / "checkpoint.pt", process)
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=60)
-    assert process.returncode == 0
+    assert process.returncode == 130  # stopped: the exit code of a cancelled command
     run = RunFolder(out)
     status = run.read_status()
     assert status["state"] == "stopped"

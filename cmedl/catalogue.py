@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import struct
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,95 @@ def peek_model_card(path: str | Path) -> dict[str, Any]:
     missing = sorted({"name", "architecture"} - set(card))
     if missing:
         raise ModelFileError(f"{path.name}: model card lacks {', '.join(missing)}")
+    check_card_values(card, path.name)
     return card
+
+
+# Sane ranges of the model card values inference relies on; outside them a card is damaged or hand-edited.
+CARD_PATCH_SIZE_RANGE = (8, 4096)
+CARD_SPACING_RANGE_MM = (0.01, 50.0)
+CARD_WIDTH_RANGE = (1, 1024)
+CARD_MAX_CLASSES = 256  # labelmaps are written as uint8
+CARD_MAX_IN_CHANNELS = 64
+# Architecture options that set a network's width: a huge value would allocate gigabytes before failing.
+_WIDTH_OPTIONS = ("base_channels", "growth_rate", "stem_channels")
+
+
+def check_card_values(card: dict[str, Any], shown: str) -> None:
+    """Refuse a model card whose values inference cannot use, with one line naming ``shown`` (the file).
+
+    Checked where present (absent values take the engine's defaults): ``patch_size`` within
+    :data:`CARD_PATCH_SIZE_RANGE`; ``spacing_mm`` two finite values within :data:`CARD_SPACING_RANGE_MM`;
+    ``hu_window`` two finite values, low below high (an empty window divides by zero, a reversed one
+    inverts the image); ``in_channels`` and ``num_classes`` (2 to :data:`CARD_MAX_CLASSES`) integers;
+    width options (``base_channels`` ...) within :data:`CARD_WIDTH_RANGE` and every numeric option finite;
+    ``labels`` distinct integer values from 1 to ``num_classes - 1``, each with a name. Whether the
+    architecture exists and the weights fit it needs torch: :func:`cmedl.modelfile.check_model_file`.
+    Raises :class:`ModelFileError`.
+    """
+
+    def refuse(reason: str) -> None:
+        raise ModelFileError(f"{shown}: the model card is not usable: {reason}")
+
+    def integer(key: str, low: int, high: int) -> int | None:
+        value = card.get(key)
+        if value is None:
+            return None
+        if not _is_int(value) or not low <= value <= high:
+            refuse(f"{key} {_short(value)} is not an integer from {low} to {high}")
+        return value
+
+    integer("patch_size", *CARD_PATCH_SIZE_RANGE)
+    integer("in_channels", 1, CARD_MAX_IN_CHANNELS)
+    classes = integer("num_classes", 2, CARD_MAX_CLASSES)
+    if "spacing_mm" in card:
+        spacing = _numbers(card["spacing_mm"])
+        low, high = CARD_SPACING_RANGE_MM
+        if spacing is None or len(spacing) != 2 or not all(low <= value <= high for value in spacing):
+            refuse(f"spacing_mm {_short(card['spacing_mm'])} is not two values from {low:g} to {high:g} mm")
+    if "hu_window" in card:
+        window = _numbers(card["hu_window"])
+        if window is None or len(window) != 2:
+            refuse(f"hu_window {_short(card['hu_window'])} is not two finite HU values")
+        elif not window[0] < window[1]:
+            refuse(f"hu_window {_short(card['hu_window'])} is empty or reversed (low must be below high)")
+    options = card.get("architecture_options", {})
+    if not isinstance(options, dict):
+        refuse("architecture_options is not a JSON object")
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            refuse(f"architecture option {key} is {value!r}")
+        if key in _WIDTH_OPTIONS and (not _is_int(value) or not CARD_WIDTH_RANGE[0] <= value <= CARD_WIDTH_RANGE[1]):
+            refuse(f"architecture option {key} {_short(value)} is not an integer from {CARD_WIDTH_RANGE[0]} to "
+                   f"{CARD_WIDTH_RANGE[1]}")  # fmt: skip
+    labels = card.get("labels", [])
+    if not isinstance(labels, list):
+        refuse("labels is not a list")
+    values: list[int] = []
+    top = (classes or 2) - 1
+    for label in labels:
+        value = label.get("value") if isinstance(label, dict) else None
+        if not _is_int(value) or not 1 <= value <= top:
+            refuse(f"label value {_short(value)} is not an output class of the network (1 to {top})")
+        if value in values:
+            refuse(f"label value {value} is listed twice")
+        if not isinstance(label.get("name"), str):
+            refuse(f"label {value} has no name")
+        values.append(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> list[float] | None:
+    """``value`` as a list of finite floats, or None when it is not a list of finite numbers."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value):
+        return None
+    numbers = [float(item) for item in value]
+    return numbers if all(math.isfinite(item) for item in numbers) else None
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -455,6 +544,39 @@ def list_models(problems: list[str] | None = None) -> list[ModelEntry]:
     return entries
 
 
+def list_models_tolerantly(problems: list[str]) -> list[ModelEntry]:
+    """:func:`list_models` for a panel that must open whatever the catalogue files hold.
+
+    A catalogue file that cannot be used (named in ``CMEDL_CATALOGUE`` but missing, not JSON, not a CMEDL
+    catalogue, a bad entry) hides only its own download entries, and its one-line reason is appended to
+    ``problems`` after the reasons :func:`list_models` gives; built-in and user models are always listed.
+    """
+    try:
+        return list_models(problems)
+    except ConfigError:
+        pass  # the user models' reasons are in ``problems`` already: list_models reads the catalogue files last
+    home_file = cmedl_home() / "catalogue.json"
+    named = [Path(item.strip()).expanduser() for item in os.environ.get(CATALOGUE_ENV, "").split(os.pathsep)]
+    downloads: dict[str, ModelEntry] = {}
+    for path in [SHIPPED_CATALOGUE, *(path for path in named if str(path) != "."), home_file]:
+        if path in (SHIPPED_CATALOGUE, home_file) and not path.is_file():
+            continue
+        try:
+            downloads.update((entry.name, entry) for entry in _read_catalogue_file(path))
+        except ConfigError as error:
+            problems.append(f"{error}; its download entries are not listed")
+    entries = [_builtin_entry(name) for name in BUILTIN_MODELS]
+    for path in _user_model_files():
+        try:
+            entry = _user_entry(path)
+        except ModelFileError:
+            continue
+        if _NAME_PATTERN.fullmatch(entry.name) and entry.name not in BUILTIN_MODELS:
+            entries.append(entry)
+    taken = {entry.name for entry in entries}
+    return entries + [entry for name, entry in downloads.items() if name not in taken]
+
+
 def find_model(name: str) -> ModelEntry:
     """The catalogue entry called ``name``; an unknown name is an :class:`InputError` listing the known ones."""
     entries = list_models()
@@ -471,16 +593,27 @@ def _names(entries: Iterable[ModelEntry]) -> str:
 # -- user models ---------------------------------------------------------------------------------------
 
 
-def add_model(path: str | Path, name: str | None = None, overwrite: bool = False) -> ModelEntry:
+def add_model(
+    path: str | Path,
+    name: str | None = None,
+    overwrite: bool = False,
+    check: Callable[[Path], object] | None = None,
+) -> ModelEntry:
     """Register a segmentation model file under ``name`` (default: the file name without ``.safetensors``).
 
-    The file is checked (a CMEDL model of kind ``segmentor``) and copied into the user models folder under a
-    temporary name that is renamed when the copy is complete and checked again. A name already taken by a
-    user model is refused unless ``overwrite``; the names of built-in and download entries are always refused.
+    The file is checked (a CMEDL model of kind ``segmentor`` with usable model card values) and copied into
+    the user models folder under a temporary name that is renamed when the copy is complete and checked
+    again. ``check`` is a deeper check of the file that needs torch, run before anything is copied:
+    ``cmedl models add`` passes :func:`cmedl.modelfile.check_model_file`, which builds the network and
+    loads the weights, so a file that cannot be loaded is refused at registration, not at segment time
+    (this module stays free of torch, so the caller supplies it). A name already taken by a user model is
+    refused unless ``overwrite``; the names of built-in and download entries are always refused.
     """
     source = Path(path)
     card = peek_model_card(source)
     _require_segmentor(source, card)
+    if check is not None:
+        check(source)
     if name is None:
         name = source.name[: -len(MODEL_SUFFIX)] if source.name.endswith(MODEL_SUFFIX) else source.stem
     if not _NAME_PATTERN.fullmatch(name):

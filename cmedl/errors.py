@@ -60,3 +60,21 @@ class CancelledError(CMEDLError):
     """The user cancelled the run."""
 
     exit_code = 130
+
+
+class RunInUseError(OutputError):
+    """A training run folder is claimed by another live process (two runs would interleave their files)."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - named like KeyboardInterrupt, which it stands in for
+    """SIGTERM or SIGINT arrived where the work in hand has nothing worth saving (see :mod:`cmedl.interrupts`).
+
+    A ``BaseException`` like :class:`KeyboardInterrupt`, so that the ``except Exception`` of ordinary error
+    handling does not swallow it, while ``finally`` blocks (which remove temporary output files) still run.
+    """
+
+    exit_code = 130
+
+    def __init__(self, signal_name: str = "a stop signal") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name

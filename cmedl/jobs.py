@@ -11,8 +11,10 @@ start a child with ``--progress json`` and read the JSON-lines protocol of :mod:
   closed and reopened); its output goes to a log file. :func:`process_alive` and :func:`terminate_tree`
   follow and stop it later, by pid, even from another process.
 
-This module imports only the standard library, ``psutil`` and the engine's protocol and error modules:
-Slicer imports it before torch, numpy or SimpleITK are installed.
+This module imports only the standard library and the engine's protocol and error modules: Slicer imports
+it before torch, numpy, SimpleITK or psutil are installed. ``psutil`` is imported where a process tree is
+stopped or its start time is read; :func:`process_alive` also answers without it, so that a fresh Slicer can
+list training runs before anything was installed.
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-import psutil
+from typing import IO, TYPE_CHECKING, Any
 
 from cmedl.errors import (
     CancelledError,
@@ -45,6 +45,9 @@ from cmedl.errors import (
     TrainingError,
 )
 from cmedl.progress import EVENT_DONE, EVENT_ERROR, EVENT_LOG, EVENT_PROGRESS, parse_event
+
+if TYPE_CHECKING:
+    import psutil
 
 DEVICES = ("auto", "cpu", "cuda")
 STDERR_TAIL_LINES = 200
@@ -134,6 +137,10 @@ def process_create_time(pid: int) -> float | None:
     Stored beside a pid, it lets :func:`process_alive` tell the process from a later one that got its pid.
     """
     try:
+        import psutil
+    except ImportError:
+        return None
+    try:
         return psutil.Process(pid).create_time()
     except (psutil.Error, ValueError):
         return None
@@ -152,6 +159,10 @@ def process_alive(pid: int, create_time: float | None = None) -> bool:
     if popen is not None and popen.poll() is not None:
         return False
     try:
+        import psutil
+    except ImportError:
+        return _alive_without_psutil(pid)
+    try:
         process = psutil.Process(pid)
         try:
             if process.status() == psutil.STATUS_ZOMBIE:
@@ -166,6 +177,34 @@ def process_alive(pid: int, create_time: float | None = None) -> bool:
         return True
     except psutil.NoSuchProcess:
         return False
+
+
+def _alive_without_psutil(pid: int) -> bool:
+    """Whether ``pid`` runs, from the operating system alone (no start-time check: a reused pid reads alive)."""
+    if _WINDOWS:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel32.GetLastError() == 5  # access denied: it exists, it is somebody else's
+        try:
+            code = ctypes.c_ulong()
+            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # Linux: an exited process that nobody has reaped yet is state Z, the field after the command name.
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace").rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def terminate_tree(pid: int, grace_seconds: float = 3.0, create_time: float | None = None) -> bool:
@@ -194,6 +233,8 @@ def _stop_tree(pid: int, popen: subprocess.Popen | None, grace_seconds: float) -
     A child of this process is signalled and waited on through its ``popen``, which keeps its exit status
     (reaping it behind the Popen's back would make it report 0).
     """
+    import psutil
+
     try:
         root = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -217,6 +258,8 @@ def _stop_leftover_group(group: int, grace_seconds: float) -> bool:
     """Stop what a finished detached child left running in its session (POSIX; nothing to do on Windows)."""
     if _WINDOWS:
         return False
+    import psutil
+
     members = []
     for process in psutil.process_iter():
         try:
@@ -274,6 +317,8 @@ def _signal_group(group: int | None, signum: int) -> None:
 
 
 def _signal(popen: subprocess.Popen | None, processes: list[psutil.Process], polite: bool) -> None:
+    import psutil
+
     if popen is not None and popen.poll() is None:
         try:
             if polite:
@@ -304,6 +349,8 @@ def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
 
 
 def _gone(process: psutil.Process) -> bool:
+    import psutil
+
     try:
         # is_running() also compares start times, so a reused pid reads as gone.
         return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE

@@ -22,14 +22,18 @@ from safetensors.torch import save_file
 from cmedl import __version__
 
 # The header keys live beside the torch-free header reader that GUIs use, so they are defined once.
-from cmedl.catalogue import CARD_KEY, FORMAT_KEY, FORMAT_NAME
+from cmedl.catalogue import CARD_KEY, FORMAT_KEY, FORMAT_NAME, check_card_values
 from cmedl.errors import ConfigError, ModelFileError
 from cmedl.volumes import SegmentInfo, atomic_output
 
 FORMAT_VERSION = 1
 
 TRANSLATOR_KIND = "translator"
+#: Every network of a CMEDL run's translator (both generators and both discriminators), for fine-tuning.
+CYCLEGAN_KIND = "cyclegan"
 RESEARCH_USE_ONLY = "research use only; not for clinical decisions"
+#: model card keys written only when set (lineage of fine-tuned models)
+OPTIONAL_CARD_KEYS = ("parent", "fine_tuned_on")
 
 
 @dataclass
@@ -63,6 +67,12 @@ class ModelCard:
         hu_window: (low, high) HU; the input is clipped to it and scaled linearly to [-1, 1].
         spacing_mm: (x, y) in-plane pixel spacing in mm the network was trained at.
         patch_size: side in pixels of the square patches the network was trained on.
+        parent: for a fine-tuned model, the model it started from: ``name``, ``sha256`` and ``source`` (the
+            file it was read from; ``run`` too when that was a run folder). None for a model trained from scratch.
+        fine_tuned_on: for a fine-tuned model, the data it was fine-tuned on (``ct_folder`` and case counts).
+
+    ``parent`` and ``fine_tuned_on`` are left out of :meth:`to_dict` while None, so the cards of models trained
+    from scratch read exactly as before, and older engines, which ignore unknown keys, read the new ones.
     """
 
     name: str
@@ -84,9 +94,15 @@ class ModelCard:
     intended_use: str = RESEARCH_USE_ONLY
     description: str = ""
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    parent: dict[str, Any] | None = None
+    fine_tuned_on: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for key in OPTIONAL_CARD_KEYS:
+            if data[key] is None:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
@@ -133,6 +149,16 @@ def save_translator(path: str | Path, generator: torch.nn.Module, teacher: torch
     return save_model(path, PseudoMRIModel(generator, teacher), card)
 
 
+def save_cyclegan(path: str | Path, translator: torch.nn.Module, card: ModelCard) -> Path:
+    """Write every network of a CMEDL run's translator (generators and discriminators) as one model file.
+
+    ``cmedl translate`` needs only the CT->MR generator (:func:`save_translator`); this file lets a fine-tuning
+    run (``cmedl train --init RUN``) take over the whole translator from safetensors rather than a pickle.
+    """
+    card.kind = CYCLEGAN_KIND
+    return save_model(path, translator, card)
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -174,6 +200,9 @@ def read_model_card(path: str | Path) -> ModelCard:
         raise ModelFileError(f"{path.name} has a damaged model card") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{path.name} has a damaged model card (not a JSON object)")
+    # Values inference cannot use (an empty HU window, patch size 0, a million channels) are refused here,
+    # as one line, rather than failing later inside numpy or torch.
+    check_card_values(data, path.name)
     try:
         return ModelCard.from_dict(data)
     except ModelFileError as error:
@@ -204,6 +233,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     load_weights(path, network, card)
     network.eval().to(device)
     return LoadedModel(network=network, card=card, path=path, sha256=file_sha256(path))
+
+
+def check_model_file(path: str | Path) -> ModelCard:
+    """Refuse a segmentation model file that could not be used, before anything relies on it.
+
+    Reads and checks the model card (:func:`read_model_card`), builds the network it names on the CPU and
+    loads the weights into it, so an unknown architecture or weights of the wrong shapes are a
+    :class:`ModelFileError` now (``cmedl models add`` calls it), not at segment time. Returns the card.
+    """
+    return load_model(path, "cpu").card
 
 
 def load_weights(path: str | Path, network: torch.nn.Module, card: ModelCard) -> None:

@@ -48,13 +48,17 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from cmedl.errors import ConfigError
-from cmedl.volumes import atomic_output, write_labelmap, write_volume
+from cmedl.memory import available_ram_bytes, describe_bytes
+from cmedl.volumes import OutputSet, atomic_output, write_labelmap, write_volume
 
 REFERENCE_MATRIX = 512
 IN_PLANE_SPACING_MM = (0.6, 1.0)  # drawn range at the reference matrix
 SLICE_THICKNESSES_MM = (2.0, 2.5, 3.0, 4.0, 5.0)
 MAX_SLICES = 200
 MIN_SIZE = 32
+MAX_SIZE = 4096  # eight times the reference matrix
+# Peak memory per voxel while one case is built, rendered and written (about 10 bytes measured at 64 and 256).
+PEAK_BYTES_PER_VOXEL = 16
 TUMOUR_DIAMETER_MM = (14.0, 55.0)  # drawn range; clipping by bone keeps measured diameters within 1-6 cm
 LOCATIONS = ("mediastinum", "chest_wall", "parenchyma")
 LOCATION_ODDS = (0.35, 0.25, 0.40)
@@ -139,6 +143,27 @@ class PhantomCase:
     instances: sitk.Image | None = None
 
 
+def size_problem(size: int, slices: int | None = None, name: str = "phantom size") -> str:
+    """Why a ``size`` x ``size`` phantom cannot be made here (one line starting with ``name``), or ``""``.
+
+    Checked before anything is allocated: the range :data:`MIN_SIZE`..:data:`MAX_SIZE` and the memory one case
+    needs (``size`` squared times ``slices``, at most :data:`MAX_SLICES`, times :data:`PEAK_BYTES_PER_VOXEL`)
+    against the memory free now.
+    """
+    if size < MIN_SIZE:
+        return f"{name} must be at least {MIN_SIZE}, got {size}"
+    if size > MAX_SIZE:
+        return f"{name} must be at most {MAX_SIZE}, got {size}"
+    needed = size * size * (slices or MAX_SLICES) * PEAK_BYTES_PER_VOXEL
+    free = available_ram_bytes()
+    if free is not None and needed > free:
+        return (
+            f"{name} {size} needs about {describe_bytes(needed)} of memory per case, more than the "
+            f"{describe_bytes(free)} free; choose a smaller size"
+        )
+    return ""
+
+
 def make_phantom(
     modality: str,
     seed: int,
@@ -172,8 +197,9 @@ def make_phantom(
     modality = _check_modality(modality)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"phantom seed must be a non-negative integer, got {seed!r}")
-    if size < MIN_SIZE:
-        raise ConfigError(f"phantom size must be at least {MIN_SIZE}, got {size}")
+    problem = size_problem(size, slices)
+    if problem:
+        raise ConfigError(problem)
     if slices is not None and slices < 1:
         raise ConfigError(f"phantom slices must be at least 1, got {slices}")
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
@@ -344,7 +370,9 @@ def write_phantom_dataset(
     labels under ``out/mr/`` with ``mr_0000``, ``out/phantoms.json`` (the returned dict: per case its
     name, modality, seed, requested tumour sites, relative file paths, size, spacing, origin and tumours)
     and ``out/tumours.csv`` (one row per tumour, :data:`TUMOUR_TABLE_COLUMNS`). Every file is written
-    atomically. ``progress(done, total)`` is called after each case.
+    under a temporary name and verified; a case's files are renamed together only once the whole case
+    is written, so a failed write (exit 6) leaves complete cases only. ``progress(done, total)`` is called
+    after each case.
 
     Each tumour is measured with :func:`measure_tumour_contrast` on its case's image: ``ct_contrast_hu``,
     ``ct_noise_hu``, ``ct_cnr``, ``ct_reference`` for CT cases and ``mr_contrast``, ``mr_noise``,
@@ -364,8 +392,9 @@ def write_phantom_dataset(
         raise ConfigError(f"phantom case counts must not be negative (got {n_ct} CT, {n_mr} MR)")
     if seed < 0:
         raise ConfigError(f"phantom seed must be a non-negative integer, got {seed!r}")
-    if size < MIN_SIZE:
-        raise ConfigError(f"phantom size must be at least {MIN_SIZE}, got {size}")
+    problem = size_problem(size)
+    if problem:
+        raise ConfigError(problem)
     ct_tumour_contrast = _check_contrast(ct_tumour_contrast)
     out = Path(out)
     total = n_ct + n_mr
@@ -379,8 +408,6 @@ def write_phantom_dataset(
                                 tumour_locations=locations)
             image_path = Path(modality) / "images" / f"{name}.nii.gz"
             label_path = Path(modality) / "labels" / f"{name}.nii.gz"
-            write_volume(case.image, out / image_path)
-            write_labelmap(case.label, out / label_path)
             entry = {
                 "name": name,
                 "modality": modality,
@@ -389,18 +416,23 @@ def write_phantom_dataset(
                 "image": image_path.as_posix(),
                 "label": label_path.as_posix(),
             }
-            measured = {modality: measure_tumour_contrast(case.image, case.tissues, case.instances, modality)}
-            if modality == "ct":
-                instances_path = Path("ct") / "instances" / f"{name}.nii.gz"
-                write_labelmap(case.instances, out / instances_path)  # a plain uint8 cast: ids are kept
-                entry["instances"] = instances_path.as_posix()
-                if paired_mr:
-                    mr = make_phantom("mr", seed_of_case, size=size, tumour_locations=locations)
-                    _check_same_anatomy(case, mr, name)
-                    paired_path = Path("ct") / "paired_mr" / f"{name}.nii.gz"
-                    write_volume(mr.image, out / paired_path)
-                    entry["paired_mr"] = paired_path.as_posix()
-                    measured["mr"] = measure_tumour_contrast(mr.image, mr.tissues, mr.instances, "mr")
+            # A case's files appear together once all are written and verified: a failure (a full disk)
+            # leaves the earlier, complete cases and nothing of this one under final names.
+            with OutputSet():
+                write_volume(case.image, out / image_path)
+                write_labelmap(case.label, out / label_path)
+                measured = {modality: measure_tumour_contrast(case.image, case.tissues, case.instances, modality)}
+                if modality == "ct":
+                    instances_path = Path("ct") / "instances" / f"{name}.nii.gz"
+                    write_labelmap(case.instances, out / instances_path)  # a plain uint8 cast: ids are kept
+                    entry["instances"] = instances_path.as_posix()
+                    if paired_mr:
+                        mr = make_phantom("mr", seed_of_case, size=size, tumour_locations=locations)
+                        _check_same_anatomy(case, mr, name)
+                        paired_path = Path("ct") / "paired_mr" / f"{name}.nii.gz"
+                        write_volume(mr.image, out / paired_path)
+                        entry["paired_mr"] = paired_path.as_posix()
+                        measured["mr"] = measure_tumour_contrast(mr.image, mr.tissues, mr.instances, "mr")
             entry.update({
                 "size": list(case.image.GetSize()),
                 "spacing_mm": [round(value, 6) for value in case.image.GetSpacing()],
@@ -422,10 +454,11 @@ def write_phantom_dataset(
         "ct_tumour_contrast": ct_tumour_contrast,
         "cases": cases,
     }
-    with atomic_output(out / "tumours.csv") as temp:
-        temp.write_text(_tumour_table(cases), encoding="utf-8")
-    with atomic_output(out / "phantoms.json") as temp:
-        temp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    with OutputSet():  # the table and the description name the same cases: both or neither
+        with atomic_output(out / "tumours.csv") as temp:
+            temp.write_text(_tumour_table(cases), encoding="utf-8")
+        with atomic_output(out / "phantoms.json") as temp:
+            temp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return description
 
 

@@ -4,27 +4,43 @@ Images live in memory as ``SimpleITK.Image``: it carries origin, spacing and dir
 directions included) and reads NIfTI, NRRD, MHA and DICOM series. Arrays taken from an image are in
 SimpleITK's numpy order ``(z, y, x)``.
 
-Every write goes to a temporary name in the destination folder and is renamed at the end, so a
-half-written file never looks like a finished one.
+Every write goes to a temporary name in the destination folder, is read back (header, and the voxel
+bytes the header promises; compressed files are inflated to their end) and only then renamed, so a
+half-written file never looks like a finished one, even where SimpleITK's NIfTI writer reports a full
+disk without failing. :class:`OutputSet` extends that to the several outputs of one command. Inputs are
+checked the same way before they are read (:mod:`cmedl.imagefiles`), and their geometry after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 import SimpleITK as sitk
 
 from cmedl.errors import InputError, OutputError
+from cmedl.imagefiles import ImageFileError, check_image_file
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+#: Voxel spacings (mm) an input may have: outside, a header is damaged or not in millimetres.
+SPACING_RANGE_MM = (0.01, 50.0)
+#: Two DICOM slices closer than this (mm) along the slice normal are the same slice twice.
+DUPLICATE_SLICE_MM = 0.01
+#: Allowed deviation of one DICOM slice step from the series' typical step: the larger of these (mm, fraction).
+SLICE_STEP_TOLERANCE = (0.01, 0.01)
 
 
 @dataclass(frozen=True)
@@ -86,9 +102,18 @@ def read_volume(path: str | Path) -> sitk.Image:
     """Read a volume from a NIfTI/NRRD/MHA file or a folder holding one DICOM series.
 
     Returns a 3D ``SimpleITK.Image``; a single 2D slice is returned as a volume of one slice.
-    Raises :class:`InputError` with one readable line when the path is missing or unreadable.
+    Raises :class:`InputError` with one readable line when the path is missing or unreadable, when the
+    file holds less than its header promises, when a DICOM series has missing, duplicate or unreadable
+    slices, or when the geometry is impossible (spacing outside :data:`SPACING_RANGE_MM`, a singular or
+    non-finite direction). ITK's own messages are held back when the read is refused.
     """
-    path = Path(path)
+    # The whole read is one captured block: a refusal after ITK has already warned (an impossible spacing,
+    # say) must still be the only line on stderr.
+    with _native_stderr_captured():
+        return _read_checked(Path(path))
+
+
+def _read_checked(path: Path) -> sitk.Image:
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
@@ -96,9 +121,19 @@ def read_volume(path: str | Path) -> sitk.Image:
     else:
         if path.stat().st_size == 0:
             raise InputError(f"input file is empty: {path}")
+        # SimpleITK fills the missing voxels of a truncated NIfTI with zeros and turns a NaN pixdim into
+        # 1 mm, so the bytes are checked against the header first.
+        try:
+            check_image_file(path)
+        except ImageFileError as problem:
+            raise InputError(f"cannot read {path.name}: {problem}") from None
+        except OSError as error:
+            raise InputError(f"cannot read {path.name}: {error.strerror or error}") from None
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
+            if "Bad direction" in str(error):  # ITK's message ends in matrix rows, useless as a last line
+                raise InputError(f"{path.name}: {_BAD_DIRECTION}") from None
             raise InputError(f"cannot read {path.name}: not a readable image ({_first_line(error)})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
@@ -110,7 +145,25 @@ def read_volume(path: str | Path) -> sitk.Image:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
         raise InputError(f"{path.name} is {image.GetDimension()}D; expected a 3D volume")
+    _check_geometry(image, path.name)
     return image
+
+
+def _check_geometry(image: sitk.Image, name: str) -> None:
+    """Refuse spacing, origin or direction values that no scanner writes (damaged or foreign headers)."""
+    low, high = SPACING_RANGE_MM
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(value) and low <= value <= high for value in spacing):
+        shown = " x ".join(f"{value:g}" for value in spacing)
+        raise InputError(f"{name}: voxel spacing {shown} mm is outside {low:g}-{high:g} mm (damaged header?)")
+    if not all(math.isfinite(value) for value in image.GetOrigin()):
+        raise InputError(f"{name}: the image origin is not a finite position (damaged header?)")
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(image.GetDimension(), image.GetDimension())
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-3:
+        raise InputError(f"{name}: {_BAD_DIRECTION}")
+
+
+_BAD_DIRECTION = "the image direction is singular or not finite, not a valid orientation (damaged header?)"
 
 
 def _dicom_series_ids(folder: Path) -> list[str]:
@@ -132,13 +185,105 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise InputError(f"no DICOM series found in folder {folder}")
     # A folder with several series (a scout plus the axial CT, say): take the one with most slices.
     files_per_series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
-    files = max(files_per_series, key=len)
+    chosen = max(range(len(series_ids)), key=lambda index: len(files_per_series[index]))
+    files = files_per_series[chosen]
+    listed = {Path(name).name for names in files_per_series for name in names}
+    _refuse_unlisted_slices(folder, series_ids[chosen], listed)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # the slice positions, checked below
+    # ITK warns about non-uniform slices on stderr and reads on; the check below refuses them instead.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return reader.Execute()
+        image = reader.Execute()
+        _check_slice_positions(folder, files, reader, image)
     except RuntimeError as error:
-        raise InputError(f"cannot read the DICOM series in {folder}: {_first_line(error)}") from None
+        reason = _unreadable_slice(files) or _first_line(error)
+        raise InputError(f"cannot read the DICOM series in {folder}: {reason}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    return image
+
+
+def _refuse_unlisted_slices(folder: Path, series_id: str, listed: set[str]) -> None:
+    """Refuse a series one of whose files GDCM left out because it cannot parse it (a truncated slice).
+
+    GDCM silently drops such a file from the series, which then reads as if the slice never existed. A
+    DICOM file in the folder that is in no series but names the chosen series' UID is such a slice.
+    """
+    needle = series_id.encode("ascii", "ignore")
+    if not needle:
+        return
+    for entry in sorted(folder.iterdir()):
+        if entry.name in listed or entry.name.startswith(".") or entry.name.upper() == "DICOMDIR":
+            continue
+        try:
+            if not entry.is_file():
+                continue
+            with open(entry, "rb") as handle:
+                head = handle.read(1 << 16)
+        except OSError:
+            continue
+        if (head[128:132] == b"DICM" or entry.suffix.lower() == ".dcm") and needle in head:
+            raise InputError(
+                f"DICOM series in {folder}: slice file {entry.name} belongs to the series but cannot be read "
+                "(truncated or damaged)"
+            )
+
+
+def _unreadable_slice(files: list[str]) -> str | None:
+    """'FILE: reason' for the first file of a series that cannot be read on its own (None if all can)."""
+    for name in files:
+        try:
+            sitk.ReadImage(name)
+        except RuntimeError as error:
+            return f"slice file {Path(name).name}: {_first_line(error)}"
+    return None
+
+
+def _check_slice_positions(folder: Path, files: list[str], reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
+    """Refuse duplicate slices and missing slices or uneven steps along the slice normal, naming the slice.
+
+    ITK reads such a series with one averaged slice spacing, which misplaces every slice after the gap.
+    """
+    if len(files) < 2:
+        return
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    heights = []
+    for index in range(len(files)):
+        if not reader.HasMetaDataKey(index, "0020|0032"):
+            return  # no positions (a secondary capture, say): nothing to check against
+        try:
+            position = [float(value) for value in reader.GetMetaData(index, "0020|0032").split("\\")]
+        except ValueError:
+            return
+        if len(position) != 3:
+            return
+        heights.append(float(np.dot(position, normal)))
+    names = [Path(name).name for name in files]
+    steps = np.diff(heights)
+    for index, step in enumerate(steps):
+        if abs(step) <= DUPLICATE_SLICE_MM:
+            raise InputError(
+                f"DICOM series in {folder}: slices {names[index]} and {names[index + 1]} are at the same position "
+                f"({heights[index]:.2f} mm): a duplicate slice"
+            )
+    typical = float(np.median(np.abs(steps)))
+    tolerance = max(SLICE_STEP_TOLERANCE[0], SLICE_STEP_TOLERANCE[1] * typical)
+    for index, step in enumerate(steps):
+        if abs(abs(step) - typical) <= tolerance and np.sign(step) == np.sign(steps[0]):
+            continue
+        gap = abs(step)
+        missing = round(gap / typical) - 1
+        if missing >= 1 and abs(gap - (missing + 1) * typical) <= tolerance * (missing + 1):
+            what = f"{missing} missing slice{'s' if missing > 1 else ''}"
+        else:
+            what = "uneven slice spacing"
+        raise InputError(
+            f"DICOM series in {folder}: {what} between {names[index]} and {names[index + 1]} "
+            f"({gap:.4g} mm apart where the other slices are {typical:.4g} mm apart)"
+        )
 
 
 def _first_line(error: BaseException) -> str:
@@ -205,7 +350,8 @@ def _default_file_mode() -> int:
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, on failure remove it.
 
-    The temporary name keeps the real suffix so that writers choose the right format.
+    The temporary name keeps the real suffix so that writers choose the right format. Inside an
+    :class:`OutputSet` the rename waits for the end of the set.
     """
     path = Path(path)
     folder = _output_folder(path)
@@ -216,16 +362,107 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     os.close(handle)
     temp = Path(temp_name)
+    handed_over = False
     try:
         yield temp
         os.chmod(temp, _default_file_mode())
-        os.replace(temp, path)
+        outputs = _ACTIVE_OUTPUTS.get()
+        if outputs is None:
+            os.replace(temp, path)
+        else:
+            outputs._stage([(temp, path)])
+            handed_over = True
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
-    except RuntimeError as error:  # SimpleITK reports failed writes (full disk) as RuntimeError
+    except RuntimeError as error:  # SimpleITK reports most failed writes (full disk) as RuntimeError
         raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+    except Exception as error:
+        # safetensors reports a full disk as its own error type (model files are written through here).
+        if type(error).__name__ == "SafetensorError":
+            raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+        raise
     finally:
-        temp.unlink(missing_ok=True)
+        if not handed_over:
+            temp.unlink(missing_ok=True)
+
+
+_ACTIVE_OUTPUTS: ContextVar[OutputSet | None] = ContextVar("cmedl_active_outputs", default=None)
+
+
+class OutputSet:
+    """The outputs of one command: they appear under their final names together, or not at all.
+
+    Inside ``with OutputSet():`` every :func:`write_volume`, :func:`write_labelmap` and
+    :func:`atomic_output` writes and verifies its file under a temporary name as usual, but the renames
+    wait for the end of the block. When the block completes, all files are renamed; when anything in it
+    fails (a write, a verification, any exception), every temporary file is removed and no final name is
+    touched, so a command never leaves its first output behind after its second failed. A set entered
+    inside another hands its files to the outer one. The same final path twice is refused.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[list[tuple[Path, Path]], Path | None]] = []
+        self._targets: set[str] = set()
+        self._outer: OutputSet | None = None
+        self._token: Token[OutputSet | None] | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        """The final paths written so far (renamed only when the set completes)."""
+        return [moves[-1][1] for moves, _ in self._staged]
+
+    def __enter__(self) -> OutputSet:
+        if self._token is not None:
+            raise RuntimeError("an OutputSet is entered only once")
+        self._outer = _ACTIVE_OUTPUTS.get()
+        self._token = _ACTIVE_OUTPUTS.set(self)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._token is not None:
+            _ACTIVE_OUTPUTS.reset(self._token)
+            self._token = None
+        if kind is not None:
+            self._discard()
+        elif self._outer is not None:
+            for moves, cleanup in self._staged:
+                self._outer._stage(moves, cleanup)
+            self._staged = []
+        else:
+            self._commit()
+
+    def _stage(self, moves: list[tuple[Path, Path]], cleanup: Path | None = None) -> None:
+        """Take over written temporary files: ``moves`` are (temporary, final) pairs, the main file last."""
+        target = os.path.abspath(moves[-1][1])
+        if target in self._targets:
+            raise OutputError(f"{moves[-1][1]} is given twice as an output of one command")
+        self._targets.add(target)
+        self._staged.append((moves, cleanup))
+
+    def _commit(self) -> None:
+        renamed: list[Path] = []
+        try:
+            for moves, _ in self._staged:
+                for temp, final in moves:
+                    os.replace(temp, final)
+                    renamed.append(final)
+        except OSError as error:
+            # A rename failing half-way (the folder vanished, say): take back what was already renamed.
+            for final in renamed:
+                final.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {final}: {error.strerror or error}") from None
+        finally:
+            self._discard()
+
+    def _discard(self) -> None:
+        for moves, cleanup in self._staged:
+            for temp, _ in moves:
+                temp.unlink(missing_ok=True)
+            if cleanup is not None:
+                shutil.rmtree(cleanup, ignore_errors=True)
+        self._staged = []
 
 
 # Formats whose header names a second file holding the voxels.
@@ -244,19 +481,116 @@ def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=folder))
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+    handed_over = False
     try:
         staged_header = staging / path.name
-        sitk.WriteImage(image, str(staged_header), compress)
-        for entry in staging.iterdir():
-            if entry != staged_header:
-                os.replace(entry, folder / entry.name)
-        os.replace(staged_header, path)
+        _write_verified(image, staged_header, path, compress)
+        moves = [(entry, folder / entry.name) for entry in sorted(staging.iterdir()) if entry != staged_header]
+        moves.append((staged_header, path))
+        outputs = _ACTIVE_OUTPUTS.get()
+        if outputs is None:
+            for temp, final in moves:
+                os.replace(temp, final)
+        else:
+            outputs._stage(moves, cleanup=staging)
+            handed_over = True
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     except RuntimeError as error:
         raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not handed_over:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_image_file(image: sitk.Image, path: Path, compress: bool) -> None:
+    """The one call that puts an image into a file; what it leaves is checked by :func:`verify_written`."""
+    sitk.WriteImage(image, str(path), compress)
+
+
+def _write_verified(image: sitk.Image, temp: Path, shown: Path, compress: bool) -> None:
+    """Write ``image`` to ``temp`` and check it there; ITK's own messages about a failure are held back."""
+    with _native_stderr_captured():
+        _write_image_file(image, temp, compress)
+        verify_written(image, temp, shown)
+
+
+def verify_written(image: sitk.Image, written: str | Path, shown: str | Path | None = None) -> None:
+    """Raise :class:`OutputError` unless the file ``written`` holds all of ``image``.
+
+    SimpleITK's NIfTI writer prints an error on a full disk but does not fail, leaving a truncated file
+    that reads back as a complete image. So the header is read back (size, components and spacing must
+    match) and the file must hold every voxel byte its header promises; compressed data are inflated to
+    the end of their stream, which also checks their CRC. ``shown`` is the name the message uses (the
+    final name, not the temporary one).
+    """
+    written = Path(written)
+    shown = Path(shown) if shown is not None else written
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(written))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        reason = _first_line(error)
+        raise OutputError(f"cannot write {shown}: the written file cannot be read back ({reason})") from None
+    same = (
+        tuple(reader.GetSize()) == tuple(image.GetSize())
+        and reader.GetNumberOfComponents() == image.GetNumberOfComponentsPerPixel()
+        and np.allclose(reader.GetSpacing(), image.GetSpacing(), rtol=1e-5, atol=1e-6)
+    )
+    if not same:
+        raise OutputError(
+            f"cannot write {shown}: the written file reads back as size {reader.GetSize()}, spacing "
+            f"{tuple(round(v, 6) for v in reader.GetSpacing())} instead of {image.GetSize()}, "
+            f"{tuple(round(v, 6) for v in image.GetSpacing())}"
+        )
+    try:
+        check_image_file(written, inflate=True)
+    except (ImageFileError, OSError) as problem:
+        reason = problem.strerror if isinstance(problem, OSError) else problem
+        raise OutputError(f"cannot write {shown}: the written file is incomplete (disk full?): {reason}") from None
+
+
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[None]:
+    """Hold back what native code (ITK, the NIfTI library, MetaIO) prints on stderr while the block runs.
+
+    When the block succeeds the text is passed on to ``sys.stderr``; when it raises, the text is dropped:
+    the exception becomes the command's one-line error, and ITK's multi-line messages beside it would
+    break that contract. Only one block captures at a time; a concurrent one runs uncaptured.
+    """
+    saved = None
+    sink = None
+    if _CAPTURE_LOCK.acquire(blocking=False):
+        try:
+            sys.stderr.flush()
+            sink = tempfile.TemporaryFile()
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+        except (OSError, ValueError, AttributeError):  # no usable fd 2 (an embedding without a console)
+            if saved is not None:
+                os.close(saved)
+                saved = None
+            if sink is not None:
+                sink.close()
+            _CAPTURE_LOCK.release()
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        if saved is not None and sink is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            sink.close()
+            _CAPTURE_LOCK.release()
+            if text and succeeded:
+                sys.stderr.write(text)
 
 
 def write_volume(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
@@ -269,15 +603,22 @@ def write_volume(image: sitk.Image, path: str | Path, compress: bool = True) -> 
         _write_detached(image, path, compress)
         return path
     with atomic_output(path) as temp:
-        sitk.WriteImage(image, str(temp), compress)
+        _write_verified(image, temp, path, compress)
     return path
 
 
-def write_labelmap(label: sitk.Image, path: str | Path, segments: list[SegmentInfo] | None = None) -> Path:
+def write_labelmap(
+    label: sitk.Image,
+    path: str | Path,
+    segments: list[SegmentInfo] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write a labelmap as .nii.gz/.nii/.nrrd/.mha, or as Slicer's .seg.nrrd with named segments.
 
     ``label`` is cast to uint8. For .seg.nrrd, each :class:`SegmentInfo` becomes a segment with its
     name, colour and DICOM terminology in the header, so Slicer opens it as a named, coloured segment.
+    ``metadata`` adds key/value fields to the header (provenance, say); NRRD and MetaImage keep them,
+    NIfTI has no place for them and drops them. Keys must not hold ``:=`` and values are single lines.
     """
     path = Path(path)
     suffix = suffix_of(path)
@@ -286,6 +627,11 @@ def write_labelmap(label: sitk.Image, path: str | Path, segments: list[SegmentIn
     label = sitk.Cast(label, sitk.sitkUInt8)
     if suffix == ".seg.nrrd":
         label = _with_segmentation_header(label, segments or [SegmentInfo()])
+    # Set on the final image: SimpleITK's NRRD writer drops fields set on an image before it was copied.
+    for key, value in (metadata or {}).items():
+        if ":=" in key or "\n" in str(value):
+            raise OutputError(f"header field {key!r} cannot be written into {path.name}")
+        label.SetMetaData(str(key), str(value))
     return write_volume(label, path)
 
 

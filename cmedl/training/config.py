@@ -14,10 +14,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmedl.catalogue import CARD_SPACING_RANGE_MM, CARD_WIDTH_RANGE
 from cmedl.errors import ConfigError
+from cmedl.memory import describe_bytes
 
 METHODS = ("ct_only", "cmedl")
 TEACHER_INPUTS = ("pseudo_mr", "paired_mr")
+# The trainable architectures of cmedl.nets (named here too, so that a configuration is checked without torch).
+SEGMENTORS = ("unet", "densefcn", "mrrn")
+TRANSLATORS = ("cyclegan",)
+DEVICES = ("auto", "cpu", "cuda")
+
+# Ranges a run can use at all; memory is checked separately (memory_problem), against the machine.
+RANGES: dict[str, tuple[int, int]] = {
+    "epochs": (1, 1_000_000),
+    "iterations_per_epoch": (1, 10_000_000),
+    "batch_size": (1, 4096),
+    "patch_size": (32, 4096),
+    "early_stopping_patience": (1, 1_000_000),
+    "validation_max_cases": (1, 100_000),
+    "pool_size": (0, 100_000),
+    "cx_max_positions": (1, 100_000_000),
+    "hint_start_epoch": (0, 1_000_000),
+    "freeze_encoder_epochs": (0, 1_000_000),
+    "warmup_epochs": (0, 1_000_000),
+    "seed": (0, 2**63 - 1),
+    "label_value": (1, 2**31 - 1),
+}
+# Network options that set a width: model cards are held to the same range (cmedl.catalogue), and a huge
+# value would allocate gigabytes before failing.
+WIDTH_OPTIONS = ("base_channels", "growth_rate", "stem_channels")
+# Rough bytes of activations and gradients one training step keeps per patch pixel and per unit of width (fp32,
+# forward and backward, measured on the CPU at 128x128 patches): the segmentors by their width option and its
+# default, the CycleGAN translator (two generators and a discriminator) and the VGG16 of the contextual loss.
+_SEGMENTOR_BYTES = {"unet": (170, "base_channels", 64), "mrrn": (480, "base_channels", 32),
+                    "densefcn": (1000, "growth_rate", 16)}  # fmt: skip
+_TRANSLATOR_BYTES_PER_WIDTH = 260
+_VGG_BYTES = 3000
 
 
 @dataclass
@@ -54,6 +87,15 @@ class TrainConfig:
       (the CycleGAN schedule).
     - ``cx_max_positions``: the contextual loss compares at most this many randomly sampled feature positions.
     - MRI intensities are scaled to [-1, 1] between 0 and the ``mr_percentile`` percentile of each volume.
+
+    Fine-tuning (:mod:`cmedl.training.finetune`): ``init`` names a model file, a catalogue name or a run folder
+    whose weights the networks start from (empty: random weights, training from scratch). The architecture then
+    comes from the model's card; :func:`cmedl.training.finetune.apply_init` fills it in, with the card's patch size,
+    spacing and HU window and a tenth of the learning rate unless given. ``freeze_encoder_epochs``: the student's
+    encoder (:meth:`cmedl.nets.Segmentor.encoder_parameters`) keeps a learning rate of 0 for the first N epochs,
+    so the decoder adapts before the pretrained features move (it needs ``init``). ``warmup_epochs``: every
+    learning rate rises linearly over the first N epochs (1/(N+1), 2/(N+1), ... of its value), then follows the
+    usual schedule.
     """
 
     method: str = "ct_only"
@@ -70,6 +112,8 @@ class TrainConfig:
     patch_size: int = 256
     spacing_mm: tuple[float, float] = (1.0, 1.0)
     hu_window: tuple[float, float] = (-1000.0, 500.0)
+    # The label value that marks tumour; every other voxel of a label file must be 0 (see cmedl.training.data).
+    label_value: int = 1
     tumour_patch_fraction: float = 0.7
     augment: bool = True
     lr_segmentor: float = 2e-4
@@ -112,6 +156,10 @@ class TrainConfig:
     amp: str = "auto"
     name: str = ""
     license: str = "Apache-2.0"
+    # Fine-tuning (see the class docstring); the defaults train from scratch as before.
+    init: str = ""
+    freeze_encoder_epochs: int = 0
+    warmup_epochs: int = 0
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -161,7 +209,11 @@ class TrainConfig:
         return config
 
     def validate(self) -> TrainConfig:
-        """Raise :class:`ConfigError` naming the first inconsistent value."""
+        """Raise :class:`ConfigError` naming the first inconsistent value.
+
+        Every number must be finite and within its range (:data:`RANGES`, and the checks below); names must be
+        known. Whether a batch fits in memory depends on the machine: :meth:`memory_problem`.
+        """
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not self.ct:
@@ -170,24 +222,45 @@ class TrainConfig:
             raise ConfigError("method cmedl needs an MRI folder (--mr DIR)")
         if not self.out:
             raise ConfigError("no run folder given (--out RUN)")
-        positive = ("epochs", "iterations_per_epoch", "batch_size", "patch_size", "early_stopping_patience")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.segmentor not in SEGMENTORS:
+            raise ConfigError(f"unknown segmentor {self.segmentor!r}; choose one of {', '.join(SEGMENTORS)}")
+        if self.method == "cmedl" and self.translator not in TRANSLATORS:
+            raise ConfigError(f"unknown translator {self.translator!r}; choose one of {', '.join(TRANSLATORS)}")
+        device = str(self.device).lower()
+        if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
+        for key, (low, high) in RANGES.items():
+            value = getattr(self, key)
+            if value < low:
+                raise ConfigError(f"{key} must be {'0 or more' if low == 0 else f'at least {low}'}, got {value}")
+            if value > high:
+                raise ConfigError(f"{key} must be at most {high:,}, got {value}")
         if self.patch_size % 32:
             raise ConfigError(f"patch_size must be a multiple of 32, got {self.patch_size}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if not 0.0 <= self.tumour_patch_fraction <= 1.0:
-            raise ConfigError(f"tumour_patch_fraction must be in [0, 1], got {self.tumour_patch_fraction}")
-        if min(self.spacing_mm) <= 0:
-            raise ConfigError(f"spacing_mm must be positive, got {self.spacing_mm}")
+        for key in ("lr_segmentor", "lr_translator"):
+            _check_number(key, getattr(self, key), low=0.0, low_open=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        if len(self.betas) != 2 or not all(math.isfinite(beta) and 0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1) (Adam's decay rates), got {list(self.betas)}")
+        for key in ("lambda_adv", "lambda_cyc", "lambda_cx", "lambda_hint", "lambda_seg", "lambda_identity"):
+            _check_number(key, getattr(self, key), low=0.0)
+        _check_number("validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True)
+        _check_number("tumour_patch_fraction", self.tumour_patch_fraction, low=0.0, high=1.0)
+        # Above 0.9 the tiles of a slice multiply without changing the result.
+        _check_number("validation_overlap", self.validation_overlap, low=0.0, high=0.9)
+        _check_number("cx_band_width", self.cx_band_width, low=0.0, low_open=True)
+        _check_number("mr_percentile", self.mr_percentile, low=0.0, high=100.0, low_open=True)
+        low, high = CARD_SPACING_RANGE_MM
+        if len(self.spacing_mm) != 2 or not all(math.isfinite(v) and low <= v <= high for v in self.spacing_mm):
+            raise ConfigError(f"spacing_mm must be two values from {low:g} to {high:g} mm, got {list(self.spacing_mm)}")
+        if len(self.hu_window) != 2 or not all(math.isfinite(v) for v in self.hu_window):
+            raise ConfigError(f"hu_window must be two finite HU values, got {list(self.hu_window)}")
         if self.hu_window[0] >= self.hu_window[1]:
-            raise ConfigError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+            raise ConfigError(f"hu_window must be (low, high) with low < high, got {list(self.hu_window)}")
+        for key in ("segmentor_options", "translator_options"):
+            _check_network_options(key, getattr(self, key))
         if self.hint_reduction not in ("mean", "sum"):
             raise ConfigError(f"hint_reduction must be mean or sum, got {self.hint_reduction!r}")
-        if self.hint_start_epoch < 0:
-            raise ConfigError(f"hint_start_epoch must be 0 or more, got {self.hint_start_epoch}")
         if self.gan_mode not in ("lsgan", "vanilla"):
             raise ConfigError(f"gan_mode must be lsgan or vanilla, got {self.gan_mode!r}")
         if not 0.0 <= self.lr_decay_fraction <= 1.0:
@@ -202,7 +275,80 @@ class TrainConfig:
             raise ConfigError("teacher_input paired_mr needs a paired_mr folder (one MRI per CT image, same name)")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
+        if self.freeze_encoder_epochs > 0 and not self.init:
+            # A frozen encoder of random weights would only hold the decoder back.
+            raise ConfigError("freeze_encoder_epochs needs init (a model or run folder whose encoder is kept)")
         return self
+
+    def memory_estimate_bytes(self, half_precision: bool = False) -> int:
+        """A rough figure for the memory one training step needs: activations and gradients of every network
+        trained (and of the VGG16 of the contextual loss) for one batch of patches. Meant to refuse sizes that
+        cannot fit long before they are allocated, not to plan a run to the last megabyte."""
+        per_width, option, default = _SEGMENTOR_BYTES.get(self.segmentor, _SEGMENTOR_BYTES["unet"])
+        width = _width(self.segmentor_options, option, default)
+        per_pixel = per_width * width
+        if self.method == "cmedl":
+            per_pixel *= 2  # teacher and student
+            if self.teacher_input != "paired_mr":
+                per_pixel += _TRANSLATOR_BYTES_PER_WIDTH * _width(self.translator_options, "base_channels", 64)
+                if self.use_cx and self.lambda_cx > 0:
+                    per_pixel += _VGG_BYTES
+        if half_precision:
+            per_pixel /= 2
+        return int(self.batch_size * self.patch_size**2 * per_pixel)
+
+    def memory_problem(self, available_bytes: int | None, where: str, half_precision: bool = False) -> str:
+        """Why a training step cannot fit in ``available_bytes`` (one line naming ``where``: "RAM", "cuda:0"),
+        or ``""`` (also when the available memory is not known)."""
+        estimate = self.memory_estimate_bytes(half_precision)
+        if available_bytes is None or estimate <= available_bytes:
+            return ""
+        return (
+            f"batch_size {self.batch_size} with {self.patch_size}x{self.patch_size} patches needs about "
+            f"{describe_bytes(estimate)} for one {self.method} training step ({self.segmentor}), more than the "
+            f"{describe_bytes(available_bytes)} free in {where}; lower batch_size or patch_size"
+        )
+
+
+def _check_number(
+    key: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Refuse a value that is not finite or outside its interval (open ends excluded), naming ``key``."""
+    fine = math.isfinite(value)
+    if fine and low is not None:
+        fine = value > low if low_open else value >= low
+    if fine and high is not None:
+        fine = value < high if high_open else value <= high
+    if fine:
+        return
+    if low is not None and high is not None:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be a finite number in {interval}, got {value}")
+    if low is not None:
+        bound = "positive" if low_open and low == 0 else f"{'above' if low_open else 'at least'} {low:g}"
+        raise ConfigError(f"{key} must be {bound} and finite, got {value}")
+    raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+def _check_network_options(key: str, options: dict[str, Any]) -> None:
+    """Widths within :data:`CARD_WIDTH_RANGE` and every number finite; the networks check the rest."""
+    low, high = CARD_WIDTH_RANGE
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} {name} must be a finite number, got {value}")
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if name in WIDTH_OPTIONS and not (integer and low <= value <= high):
+            raise ConfigError(f"{key} {name} must be an integer from {low} to {high}, got {value!r}")
+
+
+def _width(options: dict[str, Any], name: str, default: int) -> int:
+    value = options.get(name, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -233,7 +379,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return dict(value)
         if isinstance(default, str):
             return "" if value is None else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"invalid value for {key}: {value!r}") from None
     return value
 

@@ -19,6 +19,7 @@ from scipy import ndimage
 from cmedl.errors import InputError, TrainingError
 from cmedl.patches import crop_centered, resize_slices
 from cmedl.training.augment import AugmentConfig, augment_pair
+from cmedl.training.inventory import label_values_problem
 from cmedl.volumes import list_volumes, read_volume, same_geometry, stem_of
 
 CANONICAL_ORIENTATION = "LPS"
@@ -91,20 +92,32 @@ def lung_slices(hu: np.ndarray, air_hu: float = -500.0, min_fraction: float = 0.
     return np.array(found, dtype=np.int64)
 
 
+def tumour_mask(values: np.ndarray, label_value: int, path: str | Path) -> np.ndarray:
+    """The ``uint8`` 0/1 tumour mask of a label file's voxels ``values``, which must hold only 0 and
+    ``label_value``; anything else is refused with :class:`InputError` naming ``path`` and the values found (a
+    cast would turn 257 into 1, 256 and 0.5 into 0, and a case would silently train as tumour-free)."""
+    problem = label_values_problem(values, label_value)
+    if problem:
+        raise InputError(f"{path} {problem}")
+    return (np.asarray(values) == label_value).astype(np.uint8)
+
+
 def prepare_volume(
     case: CasePaths,
     spacing_mm: tuple[float, float],
     normalise: Callable[[np.ndarray], np.ndarray],
     is_ct: bool = True,
+    label_value: int = 1,
 ) -> PreparedVolume:
-    """Read, reorient, resample in-plane to ``spacing_mm`` (x, y) and normalise one case."""
+    """Read, reorient, resample in-plane to ``spacing_mm`` (x, y) and normalise one case; its label must hold
+    only 0 and ``label_value`` (:func:`tumour_mask`)."""
     image = sitk.DICOMOrient(read_volume(case.image), CANONICAL_ORIENTATION)
     label_array = None
     if case.label is not None:
         label = sitk.DICOMOrient(read_volume(case.label), CANONICAL_ORIENTATION)
         if not same_geometry(image, label, tolerance=1e-3):
             raise InputError(f"label of case {case.name} is not on the image's grid")
-        label_array = sitk.GetArrayFromImage(label).astype(np.uint8)
+        label_array = tumour_mask(sitk.GetArrayViewFromImage(label), label_value, case.label)
     pixels = sitk.GetArrayFromImage(image)
     spacing_x, spacing_y = image.GetSpacing()[:2]
     rows, cols = pixels.shape[1:]

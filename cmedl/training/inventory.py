@@ -8,8 +8,8 @@ each with its file and reason, before anything starts:
   modality guess from the intensities of a slab of middle slices (at most :data:`MAX_SAMPLED_VOXELS`
   voxels, judged with :func:`cmedl.modality.ct_likelihood_report`): a CT in Hounsfield units, an MR image
   (no air near -1000 and no negative values to speak of), or unknown (a CT stored with a +1024 offset, say);
-- per label: readable, on the image's grid (the same corners in space, whatever the axis order), and the
-  number of foreground voxels;
+- per label: readable, on the image's grid (the same corners in space, whatever the axis order), holding only
+  0 and the tumour value (:func:`label_values_problem`), and the number of foreground voxels;
 - per folder: images without a label, labels without an image, files that cannot be read, the spacing range.
 
 Problems are what would make the engine refuse the data or train on the wrong thing (an unreadable file, a
@@ -39,6 +39,7 @@ MAX_SAMPLED_VOXELS = 2_000_000
 MR_LOWEST_P1 = -100.0
 GRID_TOLERANCE_MM = 1e-3
 SHOWN_NAMES = 8
+SHOWN_VALUES = 8
 
 # progress(done, total, name) after each file; raise CancelledError (or return True) to stop the scan.
 ScanProgress = Callable[[int, int, str], object]
@@ -256,19 +257,21 @@ def scan_training_data(
     method: str = "ct_only",
     validation_fraction: float = 0.2,
     progress: ScanProgress | None = None,
+    label_value: int = 1,
 ) -> DataInventory:
     """Scan the folders of a planned run (see the module docstring).
 
     ``validation`` is a dataset folder holding ``images/`` and ``labels/`` (as the engine's ``validation``
     value); without it the run holds out ``validation_fraction`` of the CT cases. MRI folders are scanned
     for method ``cmedl`` only. ``progress(done, total, name)`` is called after each image; it may raise
-    :class:`CancelledError` (or return True) to stop.
+    :class:`CancelledError` (or return True) to stop. ``label_value`` is the run's tumour value (its
+    ``label_value`` setting).
     """
-    plans = [_plan(CT_ROLE, CT, ct_images, ct_labels, labels_required=True)]
+    plans = [_plan(CT_ROLE, CT, ct_images, ct_labels, labels_required=True, label_value=label_value)]
     notes = []
     if method == "cmedl":
         if mr_images:
-            plans.append(_plan(MR_ROLE, MR, mr_images, mr_labels or None, labels_required=False))
+            plans.append(_plan(MR_ROLE, MR, mr_images, mr_labels or None, False, label_value))
         else:
             missing = FolderInventory(MR_ROLE, MR, Path(), None, labels_required=False)
             missing.folder_problem = "no MRI images folder given (method cmedl needs unpaired MRI)"
@@ -277,7 +280,7 @@ def scan_training_data(
         notes.append("the MRI folder is not used by method ct_only")
     if validation:
         folder = Path(validation)
-        plans.append(_plan(VALIDATION_ROLE, CT, folder / "images", folder / "labels", labels_required=True))
+        plans.append(_plan(VALIDATION_ROLE, CT, folder / "images", folder / "labels", True, label_value))
     total = sum(len(plan.images) for plan in plans)
     done = 0
     for plan in plans:
@@ -313,9 +316,17 @@ class _Plan:
     inventory: FolderInventory
     images: list[Path]
     labels: dict[str, Path] = field(default_factory=dict)
+    label_value: int = 1
 
 
-def _plan(role: str, expected: str, images: str | Path, labels: str | Path | None, labels_required: bool) -> _Plan:
+def _plan(
+    role: str,
+    expected: str,
+    images: str | Path,
+    labels: str | Path | None,
+    labels_required: bool,
+    label_value: int = 1,
+) -> _Plan:
     images = Path(images)
     labels_folder = Path(labels) if labels else None
     inventory = FolderInventory(role, expected, images, labels_folder, labels_required)
@@ -332,7 +343,7 @@ def _plan(role: str, expected: str, images: str | Path, labels: str | Path | Non
     label_paths = {stem_of(path): path for path in list_volumes(labels_folder)} if labels_folder else {}
     stems = {stem_of(path) for path in image_paths}
     inventory.labels_without_image = [path for stem, path in sorted(label_paths.items()) if stem not in stems]
-    return _Plan(inventory, image_paths, label_paths)
+    return _Plan(inventory, image_paths, label_paths, label_value)
 
 
 def _scan_case(plan: _Plan, image_path: Path) -> None:
@@ -353,7 +364,7 @@ def _scan_case(plan: _Plan, image_path: Path) -> None:
         modality_reason=reason,
     )
     if case.label is not None:
-        case.label_issue, case.label_voxels = _check_label(case.label, header)
+        case.label_issue, case.label_voxels = _check_label(case.label, header, plan.label_value)
     plan.inventory.cases.append(case)
 
 
@@ -455,8 +466,9 @@ def _header_of_reader(reader: sitk.ImageFileReader) -> _Header:
     return _Header(tuple(size[:3]), tuple(spacing[:3]), tuple(origin[:3]), tuple(direction[:3, :3].flatten()))
 
 
-def _check_label(label_path: Path, image: _Header) -> tuple[str, int | None]:
-    """``(issue, foreground voxels)``: issue is empty when the label is readable and on the image's grid."""
+def _check_label(label_path: Path, image: _Header, label_value: int = 1) -> tuple[str, int | None]:
+    """``(issue, foreground voxels)``: issue is empty when the label is readable, on the image's grid and holds
+    only 0 and ``label_value``."""
     try:
         label_image = read_volume(label_path)
     except CMEDLError as error:
@@ -466,8 +478,53 @@ def _check_label(label_path: Path, image: _Header) -> tuple[str, int | None]:
         return f"size {label.size} differs from the image's {image.size}", None
     if not (label.same_grid(image) or np.allclose(label.corners(), image.corners(), atol=GRID_TOLERANCE_MM + 1e-3)):
         return "not on the image's grid (its corners lie elsewhere in space)", None
-    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(label_image)))
-    return "", voxels
+    values = sitk.GetArrayViewFromImage(label_image)
+    problem = label_values_problem(values, label_value)
+    if problem:
+        return problem, None
+    return "", int(np.count_nonzero(values))
+
+
+def label_values_problem(values: np.ndarray, label_value: int = 1) -> str:
+    """Why ``values`` (a label file's voxels) is not a tumour mask of 0 and ``label_value``, or ``""``.
+
+    The engine trains one tumour class and never guesses: a label with other values (another class, 255 from
+    a mask editor, -1), fractions (a resampled or probability map) or values a cast would fold onto 0 and 1
+    (256, 257) is refused with the values found, and when one other value stands alone the way to take it
+    as tumour (``--set label_value=N``). The message follows the file name: ``labels/a.nii.gz <message>``.
+    """
+    values = np.asarray(values)
+    expected = f"expected 0 and {label_value}" + ("" if label_value == 1 else " (label_value)")
+    if values.dtype.kind == "f":
+        finite = np.isfinite(values)
+        if not finite.all():
+            return f"holds non-finite values ({_listed(np.unique(values[~finite]))}; {expected})"
+        fractional = values != np.round(values)
+        if fractional.any():
+            return f"holds non-integer values such as {_listed(np.unique(values[fractional]))} ({expected})"
+    elif values.dtype.kind not in "iub":
+        return f"holds {values.dtype} values, not label values ({expected})"
+    wrong = (values != 0) & (values != label_value)
+    if not wrong.any():
+        return ""
+    found = np.unique(values)
+    others = [value for value in found if value != 0]
+    listing = f"holds values {_listed(found)}"
+    if len(others) == 1 and float(others[0]) > 0:  # label_value is a positive integer
+        other = _plain_number(others[0])
+        return f"{listing} ({expected}; use --set label_value={other} to take {other} as tumour)"
+    return f"{listing} ({expected}: one tumour value and 0 for everything else; merge or remove the other classes)"
+
+
+def _plain_number(value: float | int | np.generic) -> str:
+    """``2`` for 2.0 and 2, ``0.5`` for 0.5, ``nan`` for NaN: as a person would write the label value."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else f"{number:g}"
+
+
+def _listed(values: np.ndarray) -> str:
+    shown = ", ".join(_plain_number(value) for value in values[:SHOWN_VALUES])
+    return shown + (f" and {len(values) - SHOWN_VALUES} more" if len(values) > SHOWN_VALUES else "")
 
 
 def _itk_reason(error: BaseException) -> str:

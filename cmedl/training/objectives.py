@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ import torch
 
 from cmedl.devices import autocast_context
 from cmedl.losses import soft_dice_loss
-from cmedl.modelfile import ModelCard, save_translator
+from cmedl.modelfile import ModelCard, save_cyclegan, save_translator
 from cmedl.nets import build_segmentor
 from cmedl.training.config import TrainConfig, paper_deviations
+from cmedl.training.runfolder import CYCLEGAN_FILE, TRANSLATOR_FILE
 
 Batch = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # images, labels, labelled
 
@@ -77,19 +79,70 @@ class Objective:
 
     def end_epoch(self) -> None:
         """Advance the learning-rate schedules by one epoch."""
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        with warnings.catch_warnings():
+            # A run resumed after its last step (stopped while validating) ends the epoch without a step of its
+            # own; torch then warns about an order that is right here.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+            for scheduler in self.schedulers.values():
+                scheduler.step()
+
+    def apply_schedules(self) -> None:
+        """Set every optimiser's learning rates from this run's schedules at the current epoch count.
+
+        A checkpoint carries the rates of the epoch count it was written with: at the end of a finished run
+        that is 0, the end of the linear decay. Resumed with more epochs, the schedule (built from the new
+        count) gives other rates, which the optimiser would only take at the next epoch's scheduler step;
+        this sets them now, so the first resumed epoch does not train at the old rate.
+        """
+        for name, scheduler in self.schedulers.items():
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if lambdas is None:
+                continue
+            rates = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, lambdas)]
+            for group, rate in zip(self.optimizers[name].param_groups, rates):
+                group["lr"] = rate
+            scheduler._last_lr = rates  # what get_last_lr() reports; torch keeps it in this attribute
 
     def add_linear_decay(self, name: str) -> None:
-        """Constant learning rate, then linear decay to zero over the last ``lr_decay_fraction`` of the epochs."""
+        """Constant learning rate, then linear decay to zero over the last ``lr_decay_fraction`` of the epochs.
+
+        With ``warmup_epochs`` W > 0 the rate first rises linearly: epoch k (from 0) of the first W runs at
+        (k + 1) / (W + 1) of it. A parameter group with ``frozen_epochs`` N (the student's encoder, see
+        :meth:`segmentor_parameters`) runs at a rate of 0 for the first N epochs, then follows the schedule.
+        """
         epochs = self.config.epochs
         decay_epochs = round(epochs * self.config.lr_decay_fraction)
         constant_epochs = epochs - decay_epochs
+        warmup_epochs = self.config.warmup_epochs
 
         def factor(epoch: int) -> float:
-            return 1.0 - max(0, epoch + 1 - constant_epochs) / (decay_epochs + 1)
+            decay = 1.0 - max(0, epoch + 1 - constant_epochs) / (decay_epochs + 1)
+            # min(1, ...) is 1 from the first epoch on without warm-up: the schedule is then exactly as before.
+            return decay * min(1.0, (epoch + 1) / (warmup_epochs + 1))
 
-        self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], factor)
+        def frozen_for(frozen_epochs: int) -> Callable[[int], float]:
+            return lambda epoch: 0.0 if epoch < frozen_epochs else factor(epoch)
+
+        optimizer = self.optimizers[name]
+        frozen = [group.get("frozen_epochs", 0) for group in optimizer.param_groups]
+        schedule = [frozen_for(n) if n else factor for n in frozen] if any(frozen) else factor
+        self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def segmentor_parameters(self, network: torch.nn.Module) -> Any:
+        """What the optimiser of the exported segmentor steps: its parameters, or, with ``freeze_encoder_epochs``
+        N > 0, two parameter groups, the encoder's marked ``frozen_epochs`` N (see :meth:`add_linear_decay`).
+
+        A learning rate of 0 freezes the encoder rather than ``requires_grad``, which the CMEDL steps switch on
+        and off for their own reasons; and Adam leaves a parameter exactly as it is when its rate is 0.
+        """
+        frozen_epochs = self.config.freeze_encoder_epochs
+        if frozen_epochs <= 0:
+            return network.parameters()
+        encoder = {id(parameter) for parameter in network.encoder_parameters()}
+        return [
+            {"params": [p for p in network.parameters() if id(p) in encoder], "frozen_epochs": frozen_epochs},
+            {"params": [p for p in network.parameters() if id(p) not in encoder]},
+        ]
 
     @torch.no_grad()
     def previews(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -123,6 +176,7 @@ class Objective:
         for name, scheduler in self.schedulers.items():
             if name in state.get("schedulers", {}):
                 scheduler.load_state_dict(state["schedulers"][name])
+        self.apply_schedules()
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.load_extra_state(state.get("extra", {}))
@@ -178,7 +232,10 @@ class CTOnlyObjective(Objective):
         super().__init__(config, device, amp_dtype)
         self.networks["student"] = build_network(config).to(device)
         self.optimizers["student"] = torch.optim.Adam(
-            self.student.parameters(), lr=config.lr_segmentor, betas=config.betas, weight_decay=config.weight_decay
+            self.segmentor_parameters(self.student),
+            lr=config.lr_segmentor,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
         )
         # The same schedule as every CMEDL optimiser, so the two methods differ only in their losses.
         self.add_linear_decay("student")
@@ -262,7 +319,10 @@ class CMEDLObjective(Objective):
             self.networks["teacher"].parameters(), lr=config.lr_segmentor, betas=betas, weight_decay=config.weight_decay
         )
         self.optimizers["student"] = torch.optim.Adam(
-            self.student.parameters(), lr=config.lr_segmentor, betas=betas, weight_decay=config.weight_decay
+            self.segmentor_parameters(self.student),
+            lr=config.lr_segmentor,
+            betas=betas,
+            weight_decay=config.weight_decay,
         )
         for name in self.optimizers:
             self.add_linear_decay(name)
@@ -465,7 +525,8 @@ class CMEDLObjective(Objective):
             self.pool_ct.load_state_dict(state["pool_ct"])
 
     def export_extras(self, folder: Path, student_card: ModelCard) -> None:
-        """``translator.safetensors``: the CT->MR generator and the teacher, for ``cmedl translate``."""
+        """``translator.safetensors`` (the CT->MR generator and the teacher, for ``cmedl translate``) and
+        ``cyclegan.safetensors`` (every translator network, for fine-tuning from this run)."""
         config = self.config
         if self.translator is None:
             return
@@ -480,7 +541,13 @@ class CMEDLObjective(Objective):
             },
             description="CT to pseudo-MRI generator and MRI teacher of a CMEDL run",
         )
-        save_translator(folder / "translator.safetensors", self.translator.g_ct_to_mr, self.teacher, card)
+        save_translator(folder / TRANSLATOR_FILE, self.translator.g_ct_to_mr, self.teacher, card)
+        whole = dataclasses.replace(
+            card,
+            name=f"{student_card.name}-cyclegan",
+            description="every network of a CMEDL run's translator (both generators and discriminators)",
+        )
+        save_cyclegan(folder / CYCLEGAN_FILE, self.translator, whole)
 
     def card_details(self) -> dict[str, Any]:
         config = self.config

@@ -9,23 +9,53 @@ Layout of ``RUN/``::
     metrics.jsonl      one JSON object per finished epoch: every loss term and validation Dice
     checkpoint.pt      latest resumable state (networks, optimizers, RNG), written atomically
     model.safetensors  the best student as a model file (appears once the first epoch is validated)
+    translator.safetensors  CMEDL: the CT->MR generator and the MRI teacher of that epoch (``cmedl translate``)
+    cyclegan.safetensors    CMEDL: every translator network of that epoch (fine-tuning takes them over)
     train.log          what the run printed
+    run.lock           while a process trains in the folder: its pid, host and start time
 
 The Slicer module and ``cmedl jobs`` poll ``status.json`` and ``metrics.jsonl``; they never need to talk
 to the training process.
+
+One process at a time: :meth:`RunFolder.claim` creates ``run.lock`` atomically (``O_CREAT | O_EXCL``) before
+anything else is written, and a second claim is refused while the owner lives. A lock whose owner is gone
+(same host, no such process, or the pid now belongs to a process started later) is taken over; a lock from
+another host cannot be checked from here and is refused with the way to remove it. Files are written under
+temporary names (``.checkpoint.pt.XXXX.partial.pt``) and renamed when complete; a process killed while writing
+leaves such a file, which the next claimant removes (:meth:`RunFolder.remove_partial_files`).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import socket
+import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from cmedl.errors import InputError
+from cmedl.errors import InputError, OutputError, RunInUseError
 from cmedl.volumes import atomic_output
 
+MODEL_FILE = "model.safetensors"
+TRANSLATOR_FILE = "translator.safetensors"
+CYCLEGAN_FILE = "cyclegan.safetensors"
+
 RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
+
+LOCK_FILE = "run.lock"
+# What the trainer writes through temporary names; only their leftovers are removed (the Slicer launcher
+# writes files of its own into the folder, possibly at the same moment).
+RUN_FILES = ("config.json", "data.json", "run.json", "status.json", "metrics.jsonl", "checkpoint.pt")
+# A lock file that is still empty this long after it was created lost its writer (killed between the
+# creation and the write); younger, another process is claiming the folder right now.
+_UNWRITTEN_LOCK_GRACE_SECONDS = 10.0
+# Lock tokens held by this process: a lock naming this very pid is ours only if its token is here (a pid of a
+# process that died in another container or before a reboot can come back as ours).
+_HELD_TOKENS: set[str] = set()
 
 
 class RunFolder:
@@ -33,6 +63,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._token: str | None = None  # of this object's claim (run.lock), while it holds the folder
 
     @property
     def config_path(self) -> Path:
@@ -52,17 +83,191 @@ class RunFolder:
 
     @property
     def model_path(self) -> Path:
-        return self.path / "model.safetensors"
+        return self.path / MODEL_FILE
 
     @property
     def log_path(self) -> Path:
         return self.path / "train.log"
 
-    def create(self) -> None:
-        """Make the folder; refuse one that already holds a run (resume it instead)."""
-        if self.config_path.exists():
-            raise InputError(f"{self.path} already holds a run; resume it with --resume {self.path} or choose another")
-        self.path.mkdir(parents=True, exist_ok=True)
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
+
+    def holds_run(self) -> bool:
+        """Whether a run was configured here (``config.json`` written)."""
+        return self.config_path.is_file()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def make(self) -> None:
+        """Create the folder (and its parents) for a new run.
+
+        Raises :class:`OutputError` for a file in its place and for a place that cannot be written (a read-only
+        file system, no permission).
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"--out {self.path} is a file, not a run folder; choose a folder name")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            # A file among the parents gives FileExistsError or NotADirectoryError, a read-only disk EROFS.
+            raise OutputError(f"cannot create the run folder {self.path}: {error.strerror or error}") from None
+
+    def check_is_run_folder(self) -> None:
+        """Refuse a path that cannot be a run folder to resume (missing, or a file), with :class:`InputError`."""
+        if not self.path.exists():
+            raise InputError(f"run folder {self.path} not found")
+        if not self.path.is_dir():
+            raise InputError(f"--resume expects a run folder; {self.path} is a file")
+        if not self.config_path.is_file():
+            raise InputError(
+                f"{self.path} holds no run (no config.json); start one there with cmedl train --out {self.path} ..."
+            )
+
+    # -- one process at a time ---------------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Take the folder for this process (``run.lock``); see the module docstring.
+
+        Raises:
+            RunInUseError: a live process (or one on another host) holds the folder; the message names it.
+            OutputError: the lock cannot be written (read-only file system, no permission).
+        """
+        token = uuid.uuid4().hex
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "process_start": _process_start(os.getpid()),
+            "token": token,
+            "command": " ".join(sys.argv),
+        }
+        for _ in range(5):
+            try:
+                handle = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.lock_owner()
+                refusal = self._lock_refusal(owner)
+                if refusal:
+                    raise RunInUseError(refusal) from None
+                self._break_stale_lock(owner)
+                continue
+            except OSError as error:
+                raise OutputError(f"cannot write to the run folder {self.path}: {error.strerror or error}") from None
+            try:
+                os.write(handle, (json.dumps(record) + "\n").encode("utf-8"))
+                os.fsync(handle)
+            except OSError as error:
+                os.close(handle)
+                self.lock_path.unlink(missing_ok=True)
+                raise OutputError(f"cannot write to the run folder {self.path}: {error.strerror or error}") from None
+            os.close(handle)
+            _HELD_TOKENS.add(token)
+            self._token = token
+            return
+        raise RunInUseError(f"{self.path} is being claimed by other processes at the same moment; try again")
+
+    def release(self) -> None:
+        """Give the folder back: remove ``run.lock`` if it is still this claim's (a no-op otherwise)."""
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        _HELD_TOKENS.discard(token)
+        owner = self.lock_owner()
+        if owner is not None and owner.get("token") == token:
+            self.lock_path.unlink(missing_ok=True)
+
+    def lock_owner(self) -> dict[str, Any] | None:
+        """The record in ``run.lock``; ``{}`` when it exists but cannot be read yet, None when there is none."""
+        try:
+            text = self.lock_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _lock_refusal(self, owner: dict[str, Any] | None) -> str:
+        """Why the lock of ``owner`` must be respected (one line), or ``""`` when it may be taken over."""
+        if owner is None:
+            return ""  # removed in the meantime: try again
+        if not owner:
+            try:
+                age = time.time() - self.lock_path.stat().st_mtime
+            except OSError:
+                return ""
+            if age < _UNWRITTEN_LOCK_GRACE_SECONDS:
+                return f"{self.path} is being claimed by another process right now (run.lock is being written)"
+            return ""
+        pid, host = owner.get("pid"), str(owner.get("host", ""))
+        since = f", since {owner['started']}" if owner.get("started") else ""
+        if host != socket.gethostname():
+            return (
+                f"{self.path} is in use by pid {pid} on host {host}{since}; if no run goes on there any more, "
+                f"remove {self.lock_path} and try again"
+            )
+        if not isinstance(pid, int) or not _process_alive(pid, owner.get("process_start"), owner.get("token")):
+            return ""
+        return (
+            f"{self.path} is in use by pid {pid} on this host{since}; stop that run first (CMEDL Train's Stop, "
+            f"or kill {pid}) or choose another --out"
+        )
+
+    def _break_stale_lock(self, owner: dict[str, Any] | None) -> None:
+        """Remove the lock judged stale. Two processes may judge the same lock stale at once; each moves it
+        aside first and puts back a lock that turns out to be another claimant's fresh one."""
+        aside = self.path / f".{LOCK_FILE}.{uuid.uuid4().hex}.stale"
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise OutputError(f"cannot write to the run folder {self.path}: {error.strerror or error}") from None
+        try:
+            text = aside.read_text(encoding="utf-8")
+            moved_owner = json.loads(text) if text.strip() else {}
+        except (OSError, json.JSONDecodeError):
+            moved_owner = {}
+        if owner and isinstance(moved_owner, dict) and moved_owner.get("token") != owner.get("token"):
+            # Not the lock that was judged: someone claimed the folder in between. Give it back.
+            try:
+                os.link(aside, self.lock_path)
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    # -- leftovers of interrupted writes -----------------------------------------------------------------
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete the temporary files of writes that were interrupted (the process was killed), e.g.
+        ``.checkpoint.pt.k3j9.partial.pt``; returns what was removed. Call only while holding the folder."""
+        removed = []
+        folders = [self.path, self.path / "previews"]
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for entry in folder.glob(".*.partial*"):
+                name = entry.name[1:].split(".partial", 1)[0].rsplit(".", 1)[0]
+                ours = folder != self.path or name in RUN_FILES or name.endswith(".safetensors")
+                if ours and entry.is_file():
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+            for entry in folder.glob(f".{LOCK_FILE}.*.stale"):
+                entry.unlink(missing_ok=True)
+        return removed
+
+    def clear_unfinished(self) -> None:
+        """Forget a run that never finished an epoch (no checkpoint), to start it again in place: its metric
+        lines and model files belong to no checkpoint and would mix with the new run's."""
+        self.metrics_path.unlink(missing_ok=True)
+        for model in self.path.glob("*.safetensors"):
+            model.unlink(missing_ok=True)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         with atomic_output(self.path / name) as temp:
@@ -84,10 +289,13 @@ class RunFolder:
         return self.read_json("status.json")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=_plain) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, default=_plain) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:  # a full disk, say
+            raise OutputError(f"cannot write {self.metrics_path}: {error.strerror or error}") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The per-epoch records; a torn last line (the process was killed while writing) is skipped."""
@@ -117,12 +325,70 @@ class RunFolder:
         """The latest checkpoint, loaded with ``weights_only=True`` (no arbitrary objects are unpickled)."""
         if not self.checkpoint_path.exists():
             raise InputError(f"{self.path} has no checkpoint to resume from (no epoch finished yet?)")
+        import pickle
+
         import torch
 
         try:
-            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "weights only" not in str(error).lower():
+                raise InputError(f"checkpoint {self.checkpoint_path} is damaged: {_first_line(error)}") from None
+            # torch's own message advises loading with weights_only=False, which would run whatever code the
+            # file carries: never repeat that advice.
+            raise InputError(
+                f"checkpoint {self.checkpoint_path} holds Python objects besides tensors, so it was not written by "
+                f"cmedl or was altered; it is not loaded, since loading such objects can run code"
+            ) from None
         except Exception as error:  # torch raises many kinds for a damaged file
-            raise InputError(f"checkpoint {self.checkpoint_path} cannot be read: {error}") from None
+            raise InputError(f"checkpoint {self.checkpoint_path} cannot be read: {_first_line(error)}") from None
+        if not isinstance(state, dict) or "epoch" not in state or "objective" not in state:
+            raise InputError(f"checkpoint {self.checkpoint_path} is not a cmedl training checkpoint")
+        return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``); None elsewhere or when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace").rsplit(")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat; the split starts at field 3
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid: int, process_start: Any, token: Any) -> bool:
+    """Whether the process that wrote a lock on this host still runs."""
+    if pid == os.getpid():
+        return token in _HELD_TOKENS
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        # os.kill(pid, 0) would send CTRL_C_EVENT on Windows.
+        try:
+            import psutil
+
+            return psutil.pid_exists(pid)
+        except ImportError:
+            return True  # cannot tell: respect the lock
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    if stat and stat[0] == "Z":
+        return False  # exited, not yet reaped by its parent
+    # The pid came back for a process started later: the owner is gone.
+    return not (isinstance(process_start, int) and _process_start(pid) not in (None, process_start))
 
 
 def _plain(value: Any) -> Any:

@@ -5,8 +5,16 @@ method's objective on random patches, validates the student on held-out CT (3D D
 slices), appends the epoch to ``metrics.jsonl``, rewrites ``status.json``, writes a checkpoint atomically
 and, when validation Dice improved, exports the student as ``model.safetensors``.
 
-A stop request (SIGTERM or SIGINT, or :meth:`Trainer.request_stop`) is honoured between iterations: the
-run saves its state as of the last finished epoch, marks itself ``stopped`` and can be resumed.
+One process trains in a run folder at a time: rank 0 claims it (``run.lock``, :meth:`RunFolder.claim`) before
+anything is written and gives it back when the run ends, however it ends. A folder whose run never finished an
+epoch (no checkpoint) is started again in place: by the same command, or by ``--resume``.
+
+A stop request is honoured within seconds in every phase: SIGTERM or SIGINT when the command line installed its
+handlers (:mod:`cmedl.interrupts`), the progress's cancel event inside Slicer, or :meth:`Trainer.request_stop`.
+Between training steps the run saves what it has (the checkpoint then holds the epoch's finished iterations, and
+a resume continues with the next one); between validation slices it saves the epoch's training, and a resume
+validates it; while the data are read there is nothing to save and the reading stops at once. The run then marks
+itself ``stopped`` and can be resumed.
 
 Under ``torchrun`` the same run is data-parallel (:mod:`cmedl.training.distributed`): every process samples
 its own patches (numpy seed ``seed + rank``) and trains replicas whose gradients are averaged, so
@@ -14,6 +22,11 @@ its own patches (numpy seed ``seed + rank``) and trains replicas whose gradients
 creates and writes the run folder, validates and exports; the others wait for its word at the end of each
 epoch. Stop requests and non-finite losses are shared every iteration, so all processes stop together.
 Every process must see the data folders (and, to resume, the run folder) at the same paths.
+
+A fine-tuning run (``config.init``, see :mod:`cmedl.training.finetune`) starts its networks from a model's or a
+run's weights, with fresh optimisers; its configuration must fit that model (the trainer refuses one that does
+not; :func:`cmedl.training.finetune.apply_init` fills the model's values in). ``run.json`` records the parent
+model, so a resumed run still names it in the model cards it exports.
 """
 
 from __future__ import annotations
@@ -22,7 +35,6 @@ import datetime as _dt
 import math
 import os
 import platform
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -34,9 +46,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cmedl import __version__
+from cmedl import __version__, interrupts
 from cmedl.devices import autocast_dtype, resolve_device
-from cmedl.errors import CancelledError, CMEDLError, TrainingError
+from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, OutputError, TrainingError
+from cmedl.memory import available_ram_bytes
 from cmedl.metrics import dice
 from cmedl.modelfile import ModelCard, save_model
 from cmedl.patches import crop_centered, predict_slices
@@ -53,6 +66,7 @@ from cmedl.training.data import (
     prepare_volume,
     split_cases,
 )
+from cmedl.training.finetune import InitSource, check_init, init_log_lines, initialise_networks, resolve_init
 from cmedl.training.objectives import Objective, build_objective
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
 from cmedl.volumes import atomic_output, normalise_hu, normalise_mr
@@ -69,6 +83,32 @@ class Datasets:
 
 
 VALIDATION_MIN_BATCH = 8
+# Values that may differ when a run that never finished an epoch is started again with the same configuration.
+RESTART_MAY_DIFFER = ("out", "device")
+
+
+@dataclass
+class EpochSteps:
+    """Where an epoch's training steps stand.
+
+    Attributes:
+        sums: every loss term summed over the epoch's finished iterations (each a mean over processes).
+        iterations: the epoch's finished iterations, counting those of the run before a resume.
+        steps_taken: of them, those taken in this session.
+        stopped: a stop request ended the steps early.
+    """
+
+    sums: dict[str, float]
+    iterations: int
+    steps_taken: int
+    stopped: bool
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.iterations, 1) for name, total in self.sums.items()}
+
+
+class _ValidationStoppedError(Exception):
+    """A stop request arrived between validation slices."""
 
 
 def _now() -> str:
@@ -91,16 +131,25 @@ class Trainer:
         self.run = RunFolder(config.out)
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(self.device, config.amp)
+        self._check_memory()
         self._stop = threading.Event()
         self.status: dict[str, Any] = {}
         # False in the data-parallel processes other than rank 0: they neither write the run folder nor report.
         self.main = True
+        # A fine-tuning run checks its model before anything is written; a resumed one has its weights already.
+        self.init_source: InitSource | None = None
+        if self.config.init and not resume:
+            self.init_source = resolve_init(self.config.init)
+            check_init(self.config, self.init_source)
+        # The parent model's card record (name, sha256, source), for the model cards this run exports.
+        self.parent: dict[str, Any] | None = None
 
     @classmethod
     def resume_run(cls, run_path: str | Path, progress: Progress | None = None, **overrides: Any) -> Trainer:
         """A trainer for the run in ``run_path`` with its saved configuration (``overrides`` such as
         ``epochs`` or ``device`` may change it)."""
         run = RunFolder(run_path)
+        run.check_is_run_folder()
         data = run.read_json("config.json")
         data.update({key: value for key, value in overrides.items() if value is not None})
         data["out"] = str(run_path)
@@ -111,7 +160,43 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         cancel = self.progress.cancel
-        return self._stop.is_set() or (cancel is not None and cancel.is_set())
+        return self._stop.is_set() or (cancel is not None and cancel.is_set()) or interrupts.stop_requested()
+
+    def _stop_reason(self, shared: bool = False) -> str:
+        """``stopped by SIGTERM`` (or ``stopped by the user``); ``shared``: the same words in every process (a
+        collective call: only where all processes stop together)."""
+        names = [interrupts.stop_signal_name()]
+        if shared:
+            names = distributed.all_gather_object(names[0])
+        named = [name for name in names if name]
+        return f"stopped by {named[0]}" if named else "stopped by the user"
+
+    def _how_to_continue(self) -> str:
+        if self.run.holds_run():
+            return f"resume with cmedl train --resume {self.run.path}"
+        return "start it again with the same command"
+
+    def _report(self, stage: str, done: int, total: int, message: str = "") -> None:
+        """Progress where a cancel request must not break off in the middle: it is taken as a stop request,
+        which the loop honours at its next consistent point."""
+        try:
+            self.progress.update(stage, done, total, message)
+        except CancelledError:
+            self._stop.set()
+
+    def _check_memory(self) -> None:
+        """Refuse a batch that cannot fit in the device's free memory, before anything is allocated."""
+        if self.device.type == "cuda":
+            try:
+                free: int | None = int(torch.cuda.mem_get_info(self.device)[0])
+            except Exception:  # an old driver or a device that cannot say: no estimate
+                free = None
+            where = f"GPU memory ({self.device})"
+        else:
+            free, where = available_ram_bytes(), "RAM"
+        problem = self.config.memory_problem(free, where, half_precision=self.amp_dtype is not None)
+        if problem:
+            raise ConfigError(problem)
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -136,7 +221,8 @@ class Trainer:
         prepared: list[PreparedVolume] = []
         for index, (case, normalise) in enumerate(jobs):
             self.progress.update("data", index, len(jobs), "cases")
-            prepared.append(prepare_volume(case, config.spacing_mm, normalise, is_ct=normalise is normalise_ct))
+            is_ct, label_value = normalise is normalise_ct, config.label_value
+            prepared.append(prepare_volume(case, config.spacing_mm, normalise, is_ct=is_ct, label_value=label_value))
         self.progress.update("data", len(jobs), len(jobs), "cases")
         datasets = Datasets(
             ct_training=prepared[: len(training_cases)],
@@ -157,6 +243,12 @@ class Trainer:
             )
         return datasets
 
+    def _prepare_data_interruptibly(self) -> Datasets:
+        """Reading data holds nothing worth saving: a stop signal ends it at once. (Only the reading: a signal that
+        arrives while the processes compare their outcomes is taken at the next step, with all of them.)"""
+        with interrupts.interruptible():
+            return self._prepare_data()
+
     def _write_run_files(self, data_lists: dict[str, list[str]]) -> None:
         self.run.write_json("config.json", self.config.to_dict())
         self.run.write_json("data.json", data_lists)
@@ -172,6 +264,7 @@ class Trainer:
                 "world_size": distributed.world_size(),
                 "amp": str(self.amp_dtype) if self.amp_dtype else "off",
                 "started": _now(),
+                **({"parent": self.parent} if self.parent else {}),
             },
         )
 
@@ -190,17 +283,69 @@ class Trainer:
                 self.progress = Progress(self.progress.cancel)
             return self._fit()
 
-    def _create_run_folder(self) -> None:
-        """Rank 0 creates the folder (or refuses an existing run); every process raises the same refusal."""
+    def _claim_run_folder(self) -> None:
+        """Rank 0 claims the folder (:meth:`_claim`); every process then raises the same refusal, or takes the same
+        decision to start a run that never finished an epoch again."""
         refusal: Exception | None = None
+        restart, notes = False, []
         if self.main:
             try:
-                self.run.create()
+                restart, notes = self._claim()
             except Exception as error:
                 refusal = error
-        refusal = distributed.broadcast_object(refusal)
+        refusal, restart = distributed.broadcast_object((refusal, restart))
         if refusal is not None:
             raise refusal
+        if restart:
+            self.resume = False
+            if self.config.init and self.init_source is None:
+                self.init_source = resolve_init(self.config.init)
+                check_init(self.config, self.init_source)
+        for note in notes:
+            self._log(note)
+
+    def _claim(self) -> tuple[bool, list[str]]:
+        """Rank 0: take the folder (refused while another process holds it), decide whether it holds a run to
+        refuse, resume or start again, and remove what interrupted writes left. Returns (start again, log lines)."""
+        run = self.run
+        if self.resume:
+            run.check_is_run_folder()
+        else:
+            run.make()
+        run.claim()
+        try:
+            restart, notes = False, []
+            if not self.resume and run.holds_run():
+                if run.has_checkpoint():
+                    raise InputError(
+                        f"{run.path} already holds a run; resume it with cmedl train --resume {run.path} (add "
+                        f"--epochs N to train longer) or choose another --out"
+                    )
+                differences = _config_differences(run.read_json("config.json"), self.config)
+                if differences:
+                    raise InputError(
+                        f"{run.path} already holds a run that never finished an epoch, configured differently "
+                        f"({differences}); start it again as configured there with cmedl train --resume {run.path}, "
+                        f"or remove {run.path} or choose another --out for the new configuration"
+                    )
+                restart = True
+                notes.append(f"{run.path} holds a run that never finished an epoch: starting it again from the start")
+            elif self.resume and not run.has_checkpoint():
+                restart = True
+                notes.append(
+                    f"{run.path} has no checkpoint (no epoch finished): starting it again from the beginning with its "
+                    f"configuration"
+                )
+            if restart:
+                run.clear_unfinished()
+            removed = run.remove_partial_files()
+            if removed:
+                names = ", ".join(path.name for path in removed[:3]) + (" ..." if len(removed) > 3 else "")
+                notes.append(f"removed {len(removed)} unfinished file(s) of an interrupted write: {names}")
+            return restart, notes
+        except BaseException:
+            run.release()
+            raise
 
     @staticmethod
     def _on_every_process(task: Callable[[], Any]) -> Any:
@@ -209,7 +354,7 @@ class Trainer:
         result, problem = None, None
         try:
             result = task()
-        except CMEDLError as error:
+        except (CMEDLError, Interrupted) as error:  # a stop signal in one process stops all of them here
             problem = error
         problems = [error for error in distributed.all_gather_object(problem) if error is not None]
         if problems:
@@ -217,9 +362,15 @@ class Trainer:
         return result
 
     def _fit(self) -> dict[str, Any]:
-        if not self.resume:
-            self._create_run_folder()
-        previous_handlers = self._install_signal_handlers()
+        try:
+            self._claim_run_folder()
+            return self._fit_claimed()
+        finally:
+            # However the run ends (a refusal after the claim, an error, a stop), the folder is given back.
+            if self.main:
+                self.run.release()
+
+    def _fit_claimed(self) -> dict[str, Any]:
         try:
             self.status = {
                 "state": RUNNING,
@@ -228,22 +379,33 @@ class Trainer:
                 "message": "preparing data",
                 "updated": _now(),
             }
-            if not self.resume and self.main:
+            if self.main:
+                if self.resume:
+                    # The pid is how CMEDL Train finds the process to stop: the previous one is gone.
+                    try:
+                        self.status = {**self.run.read_status(), **self.status}
+                    except InputError:
+                        pass  # no status.json, or a torn one: the new status replaces it
                 self.run.write_status(self.status)
-            datasets = self._on_every_process(self._prepare_data)
+            if self.main and self.init_source is not None:
+                self.parent = self.init_source.parent()
+            elif self.main and self.resume and self.config.init:
+                self.parent = self.run.read_json("run.json").get("parent")
+            datasets = self._on_every_process(self._prepare_data_interruptibly)
             if not self.resume and self.main:
                 self._write_run_files(datasets.lists)
             return self._loop(datasets)
+        except Interrupted as stop:
+            return self._finish(STOPPED, f"stopped by {stop.signal_name} while preparing data, before training: "
+                                         f"{self._how_to_continue()}")  # fmt: skip
         except CancelledError:
-            return self._finish(STOPPED, "stopped by the user")
+            return self._finish(STOPPED, f"stopped by the user while preparing data: {self._how_to_continue()}")
         except CMEDLError as error:
             self._finish(FAILED, str(error))
             raise
         except Exception as error:
             self._finish(FAILED, f"{type(error).__name__}: {error}")
             raise
-        finally:
-            self._restore_signal_handlers(previous_handlers)
 
     def _loop(self, datasets: Datasets) -> dict[str, Any]:
         config = self.config
@@ -253,49 +415,96 @@ class Trainer:
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed + rank)
         objective = build_objective(config, self.device, self.amp_dtype)
+        if self.init_source is not None:
+            loaded = initialise_networks(objective, self.init_source)
+            for line in init_log_lines(config, self.init_source, loaded):
+                self._log(line)
         augment = AugmentConfig() if config.augment else None
         samplers = {"ct": PatchSampler(training, config.patch_size, config.tumour_patch_fraction, augment, rng)}
         if "mr" in objective.domains:
             samplers["mr"] = PatchSampler(datasets.mr, config.patch_size, config.tumour_patch_fraction, augment, rng)
         preview_images = self._preview_patches(validation or training) if self.main else torch.zeros(0)
         first_epoch, best_dice, best_epoch, stale_epochs = 1, -math.inf, 0, 0
+        # A checkpoint written by a stop in the middle of an epoch continues that epoch.
+        first_iteration, carried_sums = 1, {}
         if self.resume:
             state = self.run.load_checkpoint()
             objective.load_state_dict(state["objective"])
-            first_epoch = int(state["epoch"]) + 1
+            finished = int(state["epoch"])
+            first_epoch = finished + 1
+            partial = state.get("partial") or {}
+            if partial:
+                first_iteration = int(partial["iteration"]) + 1
+                carried_sums = {name: float(value) for name, value in partial["sums"].items()}
             # The checkpoint holds rank 0's sampling state (whatever the world size it was written with); the
             # other processes continue on fresh streams of their own.
+            fresh = [config.seed, rank, first_epoch] + ([first_iteration] if partial else [])
             rng.bit_generator.state = (
-                state["numpy_rng"]
-                if rank == 0
-                else np.random.default_rng([config.seed, rank, first_epoch]).bit_generator.state
+                state["numpy_rng"] if rank == 0 else np.random.default_rng(fresh).bit_generator.state
             )
             torch.set_rng_state(state["torch_rng"])
             best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
             stale_epochs = int(state["stale"])
             if self.main:
-                self.run.truncate_metrics(int(state["epoch"]))
-            self._log(f"resuming {self.run.path} after epoch {state['epoch']}")
+                self.run.truncate_metrics(finished)
+            within = f", iteration {first_iteration - 1} of epoch {first_epoch}" if partial else ""
+            self._log(f"resuming {self.run.path} after epoch {finished}{within}")
         if distributed.world_size() > 1:
             # Wrapped after the checkpoint is loaded: the wrappers start every process from rank 0's weights.
             objective.distribute(lambda module: distributed.wrap(module, self.device))
+
+        def save_checkpoint(finished_epoch: int, partial: dict[str, Any] | None = None) -> None:
+            if self.main:
+                self.run.save_checkpoint(
+                    {
+                        "epoch": finished_epoch,
+                        "partial": partial,
+                        "objective": objective.state_dict(),
+                        "numpy_rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(),
+                        "best_dice": best_dice,
+                        "best_epoch": best_epoch,
+                        "stale": stale_epochs,
+                    }
+                )
 
         started = time.monotonic()
         epochs_this_session = 0
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_started = time.monotonic()
-            losses = self._train_epoch(objective, samplers, epoch)
-            if losses is None:
-                return self._finish(STOPPED, f"stopped during epoch {epoch}; resume continues after epoch {epoch - 1}")
-            objective.end_epoch()
+            steps = self._train_epoch(objective, samplers, epoch, first_iteration, carried_sums)
+            first_iteration, carried_sums = 1, {}
+            if steps.stopped:
+                reason = self._stop_reason(shared=True)
+                if steps.steps_taken:
+                    # The end of a step is a consistent state: keep it. (Without new steps the last checkpoint
+                    # already holds this state.)
+                    save_checkpoint(epoch - 1, {"epoch": epoch, "iteration": steps.iterations, "sums": steps.sums})
+                if steps.iterations:
+                    where = f"during epoch {epoch} after iteration {steps.iterations}/{config.iterations_per_epoch}"
+                else:
+                    where = f"after epoch {epoch - 1}" if epoch > 1 else "before the first step"
+                return self._finish(STOPPED, f"{reason} {where}: {self._how_to_continue()}")
+            losses = steps.means()
             distributed.average_buffers(objective.networks.values())
             if not self.main:
                 # Rank 0 validates, writes and decides on early stopping; the others take its status and word.
-                self.status, ending = distributed.broadcast_object(None)
-                if ending:
-                    return self._finish(FINISHED, ending)
+                self.status, ending_state, ending = distributed.broadcast_object(None)
+                if ending_state:
+                    return self._finish(ending_state, ending)
+                objective.end_epoch()
                 continue
-            validation_dice = self._validate(objective.student, validation) if validation else float("nan")
+            try:
+                validation_dice = self._validate(objective.student, validation, epoch) if validation else float("nan")
+            except _ValidationStoppedError:
+                # The epoch's training is complete but not yet validated: a resume validates it first. The
+                # learning-rate schedules have not moved on yet (end_epoch comes after validation).
+                save_checkpoint(epoch - 1, {"epoch": epoch, "iteration": steps.iterations, "sums": steps.sums})
+                message = f"{self._stop_reason()} while validating epoch {epoch}, its training saved: " + (
+                    self._how_to_continue()
+                )
+                distributed.broadcast_object((self.status, STOPPED, message))
+                return self._finish(STOPPED, message)
             self._write_preview(objective, preview_images, epoch)
             # Without validation cases the latest student is the best we know.
             score = validation_dice if validation else float(epoch)
@@ -314,17 +523,9 @@ class Trainer:
             self.run.append_metrics(record)
             if improved:
                 self._export(objective, epoch, validation_dice, datasets)
-            self.run.save_checkpoint(
-                {
-                    "epoch": epoch,
-                    "objective": objective.state_dict(),
-                    "numpy_rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(),
-                    "best_dice": best_dice,
-                    "best_epoch": best_epoch,
-                    "stale": stale_epochs,
-                }
-            )
+            # The schedules move on once the epoch is complete, just before its checkpoint.
+            objective.end_epoch()
+            save_checkpoint(epoch)
             epochs_this_session += 1
             per_epoch = (time.monotonic() - started) / epochs_this_session
             self.status = {
@@ -344,28 +545,38 @@ class Trainer:
                 "updated": _now(),
             }
             self.run.write_status(self.status)
-            self.progress.update("epoch", epoch, config.epochs, "epochs")
+            self._report("epoch", epoch, config.epochs, "epochs")
             terms = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
             self._log(f"epoch {epoch}: {terms}, validation Dice {validation_dice:.4f}")
             ending = None
             if validation and stale_epochs >= config.early_stopping_patience:
                 ending = f"early stopping after epoch {epoch}: best epoch {best_epoch}"
-            distributed.broadcast_object((self.status, ending))
+            distributed.broadcast_object((self.status, FINISHED if ending else None, ending))
             if ending:
                 return self._finish(FINISHED, ending)
         # Only rank 0 tracked the best epoch; the others know it from the status it sent.
         best_epoch = self.status.get("best_epoch", best_epoch)
         return self._finish(FINISHED, f"finished {config.epochs} epochs; best epoch {best_epoch}")
 
-    def _train_epoch(self, objective: Objective, samplers: dict[str, PatchSampler], epoch: int) -> dict | None:
-        """Average loss terms over one epoch, or None when a stop was requested."""
+    def _train_epoch(
+        self,
+        objective: Objective,
+        samplers: dict[str, PatchSampler],
+        epoch: int,
+        first_iteration: int = 1,
+        carried_sums: dict[str, float] | None = None,
+    ) -> EpochSteps:
+        """The epoch's steps from ``first_iteration`` on (a resume in the middle of an epoch carries the sums of the
+        earlier ones), until the last or a stop request."""
         config = self.config
         objective.train()
         sums: dict[str, float] = {}
-        for iteration in range(1, config.iterations_per_epoch + 1):
+        finished, stopped = first_iteration - 1, False
+        for iteration in range(first_iteration, config.iterations_per_epoch + 1):
             # A signal reaches one process (or some): all of them stop at the same iteration.
             if distributed.any_process(self._should_stop()):
-                return None
+                stopped = True
+                break
             batch = draw_batch(samplers, objective.domains, config.batch_size)
             losses = objective.step(batch)
             bad = [name for name, value in losses.items() if not math.isfinite(value)]
@@ -377,23 +588,43 @@ class Trainer:
                 )
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value
-            self.progress.update("iteration", iteration, config.iterations_per_epoch, f"epoch {epoch}")
-        means = distributed.mean_over_processes(sums)
-        return {name: total / config.iterations_per_epoch for name, total in means.items()}
+            finished = iteration
+            self._report("iteration", iteration, config.iterations_per_epoch, f"epoch {epoch}")
+        totals = dict(carried_sums or {})
+        for name, value in distributed.mean_over_processes(sums).items():
+            totals[name] = totals.get(name, 0.0) + value
+        return EpochSteps(totals, finished, finished - first_iteration + 1, stopped)
 
-    def _validate(self, network: torch.nn.Module, volumes: list[PreparedVolume]) -> float:
+    def _validate(self, network: torch.nn.Module, volumes: list[PreparedVolume], epoch: int = 0) -> float:
         """Mean 3D Dice over validation cases, on every slice inference would see (the lung slices, and the
-        tumour's), so false positives at the lung bases and apices count against a model."""
+        tumour's), so false positives at the lung bases and apices count against a model.
+
+        A stop request is looked at before every slice (raising :class:`_ValidationStoppedError`): at a fine
+        spacing one case alone can take minutes.
+        """
         network.eval()
-        scores = []
+        ranges = []
         for volume in volumes:
             seen = np.union1d(volume.context_slices, volume.tumour_slices)
-            low, high = int(seen.min()), int(seen.max()) + 1
-            slices = ((z, volume.image[z].astype(np.float32)) for z in range(low, high))
+            ranges.append((int(seen.min()), int(seen.max()) + 1))
+        total = sum(high - low for low, high in ranges)
+        done = 0
+        scores = []
+        for volume, (low, high) in zip(volumes, ranges):
+
+            def slices(volume: PreparedVolume = volume, low: int = low, high: int = high):
+                nonlocal done
+                for z in range(low, high):
+                    if self._should_stop():
+                        raise _ValidationStoppedError
+                    self._report("validation", done, total, f"epoch {epoch}")
+                    done += 1
+                    yield z, volume.image[z].astype(np.float32)
+
             predicted = np.zeros((high - low,) + volume.image.shape[1:], dtype=bool)
             for z, probabilities in predict_slices(
                 network,
-                slices,
+                slices(),
                 num_classes=2,
                 patch=self.config.patch_size,
                 overlap=self.config.validation_overlap,
@@ -406,6 +637,7 @@ class Trainer:
             score = dice(predicted, volume.label[low:high] > 0)
             if not math.isnan(score):
                 scores.append(score)
+        self._report("validation", total, total, f"epoch {epoch}")
         return float(np.mean(scores)) if scores else float("nan")
 
     def _preview_patches(self, volumes: list[PreparedVolume], count: int = 3) -> torch.Tensor:
@@ -478,17 +710,35 @@ class Trainer:
                 "world_size": distributed.world_size(),
                 "augment": config.augment,
                 **objective.card_details(),
+                **self._fine_tuning_details(),
             },
             metrics={"validation_dice": None if math.isnan(validation_dice) else round(validation_dice, 4)},
             license=config.license,
+            parent=self.parent if config.init else None,
+            fine_tuned_on=training_data if config.init else None,
         )
         save_model(self.run.model_path, objective.student, card)
         objective.export_extras(self.run.path, card)
 
+    def _fine_tuning_details(self) -> dict[str, Any]:
+        """The fine-tuning values of the model card's ``training`` (none for a run from scratch, as before)."""
+        config = self.config
+        details: dict[str, Any] = {}
+        if config.init:
+            details.update(init=config.init, freeze_encoder_epochs=config.freeze_encoder_epochs)
+        if config.warmup_epochs:
+            details["warmup_epochs"] = config.warmup_epochs
+        return details
+
     def _finish(self, state: str, message: str) -> dict[str, Any]:
         self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
-        if self.main and self.run.path.exists():
-            self.run.write_status(self.status)
+        if self.main and self.run.path.is_dir():
+            try:
+                self.run.write_status(self.status)
+            except OutputError:
+                if state != FAILED:
+                    raise
+                # Already failing (a full disk, say): the error the caller reports says more than the status.
         # A failure reaches the user once, as the error the caller reports; the log keeps it too.
         self._log(message, tell=state != FAILED)
         return self.status
@@ -499,22 +749,22 @@ class Trainer:
             return
         if tell:
             self.progress.log(message)
-        if self.run.path.exists():
-            with open(self.run.log_path, "a", encoding="utf-8") as handle:
-                handle.write(f"{_now()} {message}\n")
+        if self.run.path.is_dir():
+            try:
+                with open(self.run.log_path, "a", encoding="utf-8") as handle:
+                    handle.write(f"{_now()} {message}\n")
+            except OSError:
+                pass  # the log is a copy of what was reported; a full disk shows in the run's other files
 
-    # -- signals --------------------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, lambda *_: self._stop.set())
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def _config_differences(saved: dict[str, Any], config: TrainConfig, shown: int = 3) -> str:
+    """The values in which ``config`` differs from a run folder's saved configuration (``key old -> new``, the
+    first ``shown``), ignoring :data:`RESTART_MAY_DIFFER`; ``""`` when it is the same run."""
+    try:
+        before = TrainConfig.from_dict({key: value for key, value in saved.items() if key != "out"}).to_dict()
+    except ConfigError:
+        return "its config.json is not a valid configuration"
+    now = config.to_dict()
+    keys = [key for key in now if key not in RESTART_MAY_DIFFER and before.get(key) != now[key]]
+    listed = ", ".join(f"{key} {before.get(key)!r} -> {now[key]!r}" for key in keys[:shown])
+    return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
