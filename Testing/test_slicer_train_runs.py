@@ -62,12 +62,12 @@ def folders_of(dataset: Path) -> DataFolders:
 
 
 def module_parameter_defaults() -> tuple[dict, dict, dict]:
-    """(field -> default, field -> WithinRange bounds, SETTINGS_FIELDS) read from the module file's source."""
+    """(field -> default, field -> WithinRange bounds) read from the module file's source, and SETTINGS_FIELDS."""
+    from CMEDLTrainLib.parameters import SETTINGS_FIELDS
+
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    defaults, ranges, mapping = {}, {}, {}
+    defaults, ranges, mapping = {}, {}, dict(SETTINGS_FIELDS)
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "SETTINGS_FIELDS" for t in node.targets):
-            mapping = ast.literal_eval(node.value)
         if isinstance(node, ast.ClassDef) and node.name == "CMEDLTrainParameterNode":
             for statement in node.body:
                 if isinstance(statement, ast.AnnAssign) and statement.value is not None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from cmedl.catalogue import ModelEntry, card_summary
+from cmedl.training.finetune import fine_tuned_on_line, parent_line
+
+#: digits of a parent model's sha256 shown in the box (enough to tell models apart; `cmedl info` shows all)
+PARENT_SHA256_CHARS = 12
 
 
 def model_card_text(entry: ModelEntry) -> str:
@@ -29,6 +33,11 @@ def model_card_text(entry: ModelEntry) -> str:
         f"Description: {summary['description'] or '-'}",
         f"Engine version: {summary['engine_version'] or '-'}, created {summary['created'] or '-'}",
     ]
+    # A fine-tuned model names the model it started from and the data it was adapted to.
+    parent = parent_line(entry.card, sha256_chars=PARENT_SHA256_CHARS)
+    if parent:
+        lines.append(f"Fine-tuned from: {parent}")
+        lines.append(f"Fine-tuned on: {fine_tuned_on_line(entry.card) or '-'}")
     if entry.path is not None:
         lines.append(f"File: {entry.path}")
     return "\n".join(lines)

@@ -4,6 +4,10 @@ The volume is written to a private temporary folder, ``python -m cmedl segment .
 a child process (so the GUI stays responsive, Cancel can kill it, and a crash cannot take Slicer down),
 and only when the child has finished cleanly is its labelmap read and written into a segment. A failed or
 cancelled run adds nothing to the scene, and the input volume node is only ever read.
+
+The child also writes the lesion table (``--lesions``) and, when the panel asks for the overlay, the tumour
+probability map (``--probabilities``) into the hand-over folder; the import step adds the map as a colour
+volume and keeps the table on the segmentation node (:func:`CMEDLSegmentLib.lesion_panel.record_result`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ from typing import Any
 from cmedl.catalogue import peek_model_card
 from cmedl.errors import CancelledError, InputError
 from cmedl.jobs import Job, JobResult
+from CMEDLSegmentLib.lesion_nodes import add_probability_volume
+from CMEDLSegmentLib.lesion_panel import record_result
 from CMEDLSegmentLib.segmentation_nodes import SegmentStyle, WrittenSegment, write_mask_to_segment
 from CMEDLSegmentLib.volume_nodes import read_labelmap_on_grid, write_volume_node
 
 DEVICES = ("auto", "cuda", "cpu")
+# The hand-over folder's files besides the input and the labelmap.
+LESIONS_FILE = "lesions.json"
+PROBABILITIES_FILE = "probabilities.nrrd"
 
 # The share of a whole run each engine stage covers, so that one bar runs from 0 to 100 % once.
 STAGE_SPANS = {"read": (0.0, 0.05), "lungs": (0.05, 0.15), "segment": (0.15, 0.95), "write": (0.95, 1.0)}
@@ -50,9 +59,43 @@ class SegmentationSettings:
     probability_threshold: float = 0.5
     batch_size: int = 4
     force: bool = False
+    tta: bool = False  # test-time augmentation: average over left-right and front-back flips
+    min_lesion_ml: float = 0.0  # lesions below this volume are dropped (0: keep all)
+    min_lesion_probability: float = 0.0  # lesions whose peak probability is below this are dropped (0: keep all)
+    probabilities: bool = False  # write the tumour probability map and add it to the scene
 
-    def command_arguments(self, input_path: Path, output_path: Path) -> list[str]:
-        """The ``cmedl segment`` arguments for these settings."""
+    @classmethod
+    def from_panel(cls, parameters: Any, model_path: Path, device: str) -> SegmentationSettings:
+        """The settings of a run from the panel's parameter node (its advanced values); None: the defaults.
+
+        An automatic run after a scene close may come before any parameter node exists again. The lesion and
+        overlay values are read only where the object has them (a script's stand-in may not), else default.
+        """
+        if parameters is None:
+            return cls(model_path=model_path, device=device)
+        defaults = cls(model_path=model_path)
+        return cls(
+            model_path=model_path,
+            device=device,
+            lung_threshold_hu=float(parameters.lungThreshold),
+            roi_margin_mm=float(parameters.roiMargin),
+            probability_threshold=float(parameters.probabilityThreshold),
+            batch_size=int(parameters.batchSize),
+            tta=bool(getattr(parameters, "tta", defaults.tta)),
+            min_lesion_ml=float(getattr(parameters, "minLesionMl", defaults.min_lesion_ml)),
+            min_lesion_probability=float(getattr(parameters, "minLesionProbability", defaults.min_lesion_probability)),
+            probabilities=bool(getattr(parameters, "showProbability", defaults.probabilities)),
+        )
+
+    def command_arguments(
+        self,
+        input_path: Path,
+        output_path: Path,
+        lesions_path: Path | None = None,
+        probabilities_path: Path | None = None,
+    ) -> list[str]:
+        """The ``cmedl segment`` arguments for these settings, writing the lesion table and the probability map
+        to the paths given (None: not written)."""
         if self.device not in DEVICES:
             raise InputError(f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
         arguments = [
@@ -63,8 +106,16 @@ class SegmentationSettings:
             "--roi-margin", f"{self.roi_margin_mm:g}",
             "--threshold", f"{self.probability_threshold:g}",
             "--batch-size", str(int(self.batch_size)),
+            "--min-lesion-ml", f"{self.min_lesion_ml:g}",
+            "--min-lesion-probability", f"{self.min_lesion_probability:g}",
             "--progress", "json",
         ]  # fmt: skip
+        if self.tta:
+            arguments.append("--tta")
+        if lesions_path is not None:
+            arguments += ["--lesions", str(lesions_path)]
+        if probabilities_path is not None:
+            arguments += ["--probabilities", str(probabilities_path)]
         if self.force:
             arguments.append("--force")
         return arguments
@@ -81,11 +132,19 @@ class SegmentationOutcome:
     device: str
     created_node: bool
     summary: dict[str, Any] = field(default_factory=dict)
+    lesions: list[dict[str, Any]] | None = None  # the lesion table rows (None: the engine gave none)
+    probability_node: Any = None  # the tumour probability volume, when the run was asked for it
 
     def status_line(self, segment_name: str) -> str:
-        """The one-line result a user reads, e.g. ``Lung tumour: 12.4 mL, 38 s on cuda``."""
+        """The one-line result a user reads, e.g. ``Lung tumour: 12.4 mL in 2 lesions, 38 s on cuda``.
+
+        Lesions the minimum volume or peak probability removed are counted, so that an empty result explains itself.
+        """
         where = f" on {self.device}" if self.device else ""
-        return f"{segment_name}: {self.volume_ml:.1f} mL, {self.seconds:.0f} s{where}"
+        count = "" if self.lesions is None else f" in {len(self.lesions)} lesion{'' if len(self.lesions) == 1 else 's'}"
+        dropped = int(self.summary.get("removed_lesion_count") or 0)
+        count += f" ({dropped} below the minimum removed)" if dropped else ""
+        return f"{segment_name}: {self.volume_ml:.1f} mL{count}, {self.seconds:.0f} s{where}"
 
 
 class SegmentationTask:
@@ -101,6 +160,8 @@ class SegmentationTask:
         output_path: Path,
         segmentation_node=None,
         segment_id: str | None = None,
+        lesions_path: Path | None = None,
+        probabilities_path: Path | None = None,
     ) -> None:
         self.scene = scene
         self.volume_node = volume_node
@@ -110,6 +171,8 @@ class SegmentationTask:
         self.output_path = output_path
         self.segmentation_node = segmentation_node
         self.segment_id = segment_id
+        self.lesions_path = lesions_path
+        self.probabilities_path = probabilities_path
         self.started = time.monotonic()
         self._finished = False
 
@@ -134,8 +197,20 @@ class SegmentationTask:
         return f"{event.get('stage', '')} {event.get('done', 0)}/{event.get('total', 0)}{unit}"
 
     def cancel(self) -> None:
-        """Kill the child's whole process tree and discard its files; nothing reaches the scene."""
+        """Kill the child's whole process tree and discard its files; nothing reaches the scene.
+
+        Blocks until the tree is gone (scripts); a panel uses :meth:`kill_now` and :meth:`discard` on timer ticks.
+        """
         self.job.cancel()
+        self._cleanup()
+
+    def kill_now(self) -> None:
+        """Kill the child's whole process tree without a grace period (the child has nothing to save)."""
+        self.job.cancel(grace_seconds=0.0)
+
+    def discard(self) -> None:
+        """Drop the run: its files are removed and :meth:`finish` refuses it, so nothing reaches the scene."""
+        self._finished = True
         self._cleanup()
 
     def wait(self, timeout: float | None = None, on_event: Callable[[dict], None] | None = None) -> JobResult:
@@ -145,24 +220,37 @@ class SegmentationTask:
     def finish(self) -> SegmentationOutcome:
         """Import the child's result into the scene once it has ended; raises the engine's error otherwise.
 
-        Always removes the temporary folder. Raises :class:`cmedl.errors.CMEDLError` subclasses with the
-        engine's one-line message when the run failed or was cancelled.
+        The segment, the probability volume (when the run wrote one) and the lesion table go in together:
+        a result that cannot be read adds nothing. Always removes the temporary folder. Raises
+        :class:`cmedl.errors.CMEDLError` subclasses with the engine's one-line message when the run failed or
+        was cancelled.
         """
         if self._finished:
             raise InputError("this segmentation run has already been finished")
+        probability_node = None
         try:
             result = self.job.wait()
             result.raise_for_error()
             if not self.output_path.is_file():
                 raise InputError("the engine ended without writing its result")
             mask = read_labelmap_on_grid(self.output_path, self.volume_node)
+            summary = result.result or {}
+            rows = self._lesion_rows(summary)
+            if self.probabilities_path is not None:
+                # Read and checked against the CT's grid before the segment is written, so that a bad map
+                # fails the run instead of leaving a segment without its overlay.
+                probability_node = add_probability_volume(self.scene, self.probabilities_path, self.volume_node)
             written: WrittenSegment = write_mask_to_segment(
                 self.scene, self.volume_node, mask, self.style, self.segmentation_node, self.segment_id
             )
+            record_result(written.segmentation_node, written.segment_id, self.volume_node, rows, probability_node)
+        except BaseException:
+            if probability_node is not None:
+                self.scene.RemoveNode(probability_node)
+            raise
         finally:
             self._finished = True
             self._cleanup()
-        summary = result.result or {}
         return SegmentationOutcome(
             segmentation_node=written.segmentation_node,
             segment_id=written.segment_id,
@@ -171,7 +259,19 @@ class SegmentationTask:
             device=str(summary.get("device", "")),
             created_node=written.created_node,
             summary=summary,
+            lesions=rows,
+            probability_node=probability_node,
         )
+
+    def _lesion_rows(self, summary: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The lesion table the child wrote (with its provenance on disk), else the one in its result, else None."""
+        if self.lesions_path is not None and self.lesions_path.is_file():
+            # cmedl.lesions needs scipy and scikit-image, which the child that just ran had.
+            from cmedl.lesions import read_lesions
+
+            return list(read_lesions(self.lesions_path).get("lesions") or [])
+        rows = summary.get("lesions")
+        return list(rows) if isinstance(rows, list) else None
 
     def _cleanup(self) -> None:
         shutil.rmtree(self.work_folder, ignore_errors=True)
@@ -212,8 +312,10 @@ class TumourSegmentationLogic:
             input_folder.mkdir()
             input_path = write_volume_node(volume_node, input_folder / f"{_file_stem(volume_node.GetName())}.nrrd")
             output_path = work_folder / "segmentation.nrrd"
+            lesions_path = work_folder / LESIONS_FILE
+            probabilities_path = work_folder / PROBABILITIES_FILE if settings.probabilities else None
             job = Job.start(
-                settings.command_arguments(input_path, output_path),
+                settings.command_arguments(input_path, output_path, lesions_path, probabilities_path),
                 python=self.python_executable,
                 device=settings.device,
             )
@@ -229,6 +331,8 @@ class TumourSegmentationLogic:
             output_path,
             segmentation_node,
             segment_id,
+            lesions_path=lesions_path,
+            probabilities_path=probabilities_path,
         )
 
     def segment(

@@ -144,3 +144,14 @@ def _attach_to_volume(scene, segmentation_node: vtkMRMLSegmentationNode, volume_
         segmentation_item = hierarchy.CreateItem(parent, segmentation_node)
     else:
         hierarchy.SetItemParent(segmentation_item, parent)
+
+
+def segment_choices(segmentation_node: vtkMRMLSegmentationNode | None) -> list[tuple[str, str]]:
+    """``(segment id, name)`` of the segments a result may replace, after ``("", ...)``: the segment named
+    after the model's label (found or added by :func:`write_mask_to_segment`)."""
+    choices = [("", "Segment named after the model's label")]
+    if segmentation_node is not None:
+        segmentation = segmentation_node.GetSegmentation()
+        choices += [(segment_id, segmentation.GetSegment(segment_id).GetName())
+                    for segment_id in segmentation.GetSegmentIDs()]  # fmt: skip
+    return choices

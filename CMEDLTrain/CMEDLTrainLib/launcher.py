@@ -19,8 +19,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import psutil
-
 from cmedl.errors import ConfigError, InputError
 from cmedl.jobs import process_create_time, start_detached, start_detached_command, terminate_tree
 from cmedl.training.runfolder import RunFolder
@@ -115,8 +113,10 @@ def resume_training(
     snapshot = read_run(run_path)
     if snapshot.alive:
         raise InputError(f"{run_path.name} is still running")
-    if not snapshot.checkpoint:
-        raise InputError(f"{run_path.name} has no checkpoint to resume from (no epoch finished); start a new run")
+    # Without a checkpoint (stopped during its first epoch) the engine restarts the run from its saved
+    # configuration, so resuming is still the right action; without that configuration there is no run.
+    if not snapshot.checkpoint and not snapshot.config:
+        raise InputError(f"{run_path.name} has no checkpoint and no saved configuration: nothing to resume")
     arguments = ["train", "--resume", str(run_path)]
     if epochs:
         arguments += ["--epochs", str(int(epochs))]
@@ -180,6 +180,8 @@ def request_stop(run_path: str | Path) -> bool:
     polite request: the process ends at once and the run reads ``interrupted``, resumable from its last
     finished epoch.
     """
+    import psutil  # here, not at import time: the panel lists runs before psutil is installed
+
     run_path = Path(run_path)
     record = read_launch_record(run_path)
     if not record_alive(record):
@@ -196,6 +198,8 @@ def request_stop(run_path: str | Path) -> bool:
 def _stop_target(run_path: Path, pid: int) -> int:
     """The process to ask: under torchrun the rank-0 worker (it tells the others, and torchrun then ends
     normally), found as the pid in ``status.json`` when that is a descendant of the launched process."""
+    import psutil
+
     worker = read_json_quietly(RunFolder(run_path).status_path).get("pid")
     if not isinstance(worker, int) or worker == pid:
         return pid

@@ -55,6 +55,9 @@ def _value(record: dict[str, Any], column: str) -> float:
 def _nodes_with(scene, class_name: str, run: str) -> list:
     found = []
     collection = scene.GetNodesByClass(class_name)
+    # The scene hands over a new collection the caller must delete (vtkMRMLScene.h); in Python the wrapper holds
+    # its own reference, so the scene's one is released at once, as Slicer's own slicer.util.getNodesByClass does.
+    collection.UnRegister(None)
     for index in range(collection.GetNumberOfItems()):
         node = collection.GetItemAsObject(index)
         if node.GetAttribute(RUN_ATTRIBUTE) == run:

@@ -6,6 +6,11 @@ into a validated ``TrainConfig`` for a run folder, so that every inconsistent va
 engine's own message before anything starts, and :func:`settings_problem` gives that message for the panel
 while the user is still editing.
 
+"Start from model" (fine-tuning) is the ``init`` setting: :func:`settings_from_model` gives the values a model
+file, catalogue name or run folder implies (its architecture, patch size, spacing, HU window and the fine-tuning
+learning rate), and :func:`start_from_model` puts them into the panel's settings. The configuration is then
+checked against the model by the engine (:func:`cmedl.training.finetune.apply_init`), like every other value.
+
 The engine reads a dataset as one folder holding ``images/`` and ``labels/``. Users often keep images and
 labels elsewhere; then the run folder gets ``datasets/<role>/images`` and ``labels`` links to the chosen
 folders, so the data stays where it is and the run records which folders it used.
@@ -15,12 +20,14 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from cmedl.errors import CMEDLError, ConfigError
-from cmedl.training.config import METHODS, TrainConfig
+from cmedl.memory import available_ram_bytes
+from cmedl.training.config import TrainConfig
+from cmedl.training.finetune import apply_init, fine_tuning_lr, implied_values, resolve_init
 
 SEGMENTORS = (("U-Net", "unet"), ("DenseFCN", "densefcn"), ("MRRN", "mrrn"))
 METHOD_CHOICES = (("CT only (no MRI)", "ct_only"), ("CMEDL (CT student, MRI teacher)", "cmedl"))
@@ -79,6 +86,9 @@ class TrainingSettings:
     device: str = _DEFAULTS.device
     seed: int = _DEFAULTS.seed
     name: str = _DEFAULTS.name
+    init: str = _DEFAULTS.init  # "Start from model": a model file, catalogue name or run folder; empty: from scratch
+    freeze_encoder_epochs: int = _DEFAULTS.freeze_encoder_epochs
+    warmup_epochs: int = _DEFAULTS.warmup_epochs
     gpus: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -88,6 +98,49 @@ class TrainingSettings:
         values["spacing_mm"] = (float(self.spacing_mm), float(self.spacing_mm))
         values.update(self.extra)
         return values
+
+
+def settings_from_model(model: str | Path) -> dict[str, Any]:
+    """The panel values that starting from ``model`` (a model file, catalogue name or run folder) implies.
+
+    Returns :class:`TrainingSettings` field values: ``init`` (``model`` as given), ``segmentor``, ``patch_size``,
+    ``spacing_mm`` (the x spacing), ``lr_segmentor`` (the fine-tuning default, a tenth of the from-scratch rate)
+    and ``extra`` holding ``segmentor_options`` and ``hu_window`` (and ``spacing_mm`` as a pair when x and y
+    differ). A CMEDL run folder also gives ``method`` ``cmedl``, ``lr_translator`` and, in ``extra``, the
+    ``translator`` and ``translator_options``: its teacher and translator start from the run too.
+
+    Raises:
+        CMEDLError: ``model`` names no readable model (the engine's one-line reason).
+    """
+    implied = implied_values(resolve_init(str(model)))
+    spacing_x, spacing_y = implied["spacing_mm"]
+    extra: dict[str, Any] = {"segmentor_options": implied["segmentor_options"], "hu_window": implied["hu_window"]}
+    if spacing_x != spacing_y:
+        extra["spacing_mm"] = (spacing_x, spacing_y)  # the panel shows one spacing; extra keeps both
+    values: dict[str, Any] = {
+        "init": str(model),
+        "segmentor": implied["segmentor"],
+        "patch_size": implied["patch_size"],
+        "spacing_mm": spacing_x,
+        "lr_segmentor": fine_tuning_lr(_DEFAULTS.lr_segmentor),
+    }
+    if "translator" in implied:
+        values.update(method="cmedl", lr_translator=fine_tuning_lr(_DEFAULTS.lr_translator))
+        extra.update(translator=implied["translator"], translator_options=implied["translator_options"])
+    values["extra"] = extra
+    return values
+
+
+def start_from_model(settings: TrainingSettings, model: str | Path) -> TrainingSettings:
+    """``settings`` with the values ``model`` implies filled in (the others, epochs say, kept).
+
+    An empty ``model`` only clears ``init``: the run then trains from scratch with the values shown.
+    """
+    if not str(model).strip():
+        return replace(settings, init="")
+    implied = settings_from_model(model)
+    extra = {**settings.extra, **implied.pop("extra")}
+    return replace(settings, **implied, extra=extra)
 
 
 def paper_defaults() -> dict[str, Any]:
@@ -137,21 +190,23 @@ def training_config(settings: TrainingSettings, folders: DataFolders, run_path: 
 
 
 def _validated(values: dict[str, Any], settings: TrainingSettings) -> TrainConfig:
-    if settings.method not in METHODS:
-        raise ConfigError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
-    if settings.segmentor not in {value for _, value in SEGMENTORS}:
-        raise ConfigError(f"unknown segmentor {settings.segmentor!r}")
-    if settings.device not in DEVICES:
-        raise ConfigError(f"unknown device {settings.device!r}; choose one of {', '.join(DEVICES)}")
+    """The engine's configuration of ``values``, checked by the engine (:meth:`TrainConfig.validate`: names,
+    ranges, finiteness) so that the panel says exactly what ``cmedl train`` would; only the number of processes
+    is the panel's own."""
     if settings.gpus < 1:
         raise ConfigError(f"the number of processes must be at least 1, got {settings.gpus}")
-    for key in ("lr_segmentor", "lr_translator"):
-        if not values[key] > 0:
-            raise ConfigError(f"{key} must be positive, got {values[key]}")
-    for key in ("lambda_adv", "lambda_cyc", "lambda_cx", "lambda_hint", "lambda_seg"):
-        if values[key] < 0:
-            raise ConfigError(f"{key} must not be negative, got {values[key]}")
-    return TrainConfig.from_dict(values).validate()
+    config = TrainConfig.from_dict(values)
+    if config.init:
+        # The panel's values are the user's: the engine refuses an architecture the model's weights do not fit and
+        # fills in only what the panel does not show (segmentor options, HU window, translator) from the model.
+        config = apply_init(config, values)
+    config.validate()
+    if config.device == "cpu":
+        # A GPU's free memory needs torch, which the panel may not have yet; the run checks it when it starts.
+        problem = config.memory_problem(available_ram_bytes(), "RAM")
+        if problem:
+            raise ConfigError(problem)
+    return config
 
 
 def _check_folders(settings: TrainingSettings, folders: DataFolders) -> None:
