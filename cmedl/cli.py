@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmedl import __version__
-from cmedl.errors import CMEDLError, ConfigError, InputError, NotCTError
+from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, NotCTError
+from cmedl.interrupts import stop_signals
 from cmedl.progress import JsonLinesProgress, Progress, TextProgress
 
 if TYPE_CHECKING:  # the engine modules load on demand: `cmedl --help` stays fast
@@ -55,9 +56,18 @@ def _print_json(data: dict) -> None:
 
 
 def _add_segment(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("segment", help="segment the lung tumour in a chest CT")
-    parser.add_argument("input", help="CT volume file (.nii.gz, .nrrd, .mha) or DICOM series folder")
-    parser.add_argument("-o", "--output", required=True, help="output labelmap: .seg.nrrd, .nii.gz or .nrrd")
+    parser = commands.add_parser("segment", help="segment the lung tumour in a chest CT (or a batch of CTs)")
+    parser.add_argument(
+        "input",
+        help="CT volume file (.nii.gz, .nrrd, .mha) or DICOM series folder; for a batch, a folder of CT volumes "
+        "or a .txt file listing one per line",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output labelmap: .seg.nrrd, .nii.gz or .nrrd; for a batch, the output folder",
+    )
     parser.add_argument("--model", default=None, help="model file or catalogue name (default: built-in demo model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=4, help="patches per network call")
@@ -65,42 +75,153 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lung-threshold", type=float, default=-300.0, help="lung air threshold in HU")
     parser.add_argument("--roi-margin", type=float, default=30.0, help="ROI margin around the lungs in mm")
     parser.add_argument("--force", action="store_true", help="segment even if the image does not look like CT")
+    parser.add_argument("--lesions", metavar="FILE", help="write the lesion table: .json or .csv (one CT only)")
+    parser.add_argument(
+        "--probabilities",
+        metavar="OUT",
+        help="write the tumour probability map (uint8, 0-255 for 0-1) on the CT's grid; for a batch, a folder",
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="test-time augmentation: average over left-right and front-back flips"
+    )
+    parser.add_argument(
+        "--uncertainty",
+        metavar="OUT",
+        help="with --tta: write the per-voxel standard deviation over the flips (uint8, 0-255 for 0-1); "
+        "for a batch, a folder",
+    )
+    parser.add_argument(
+        "--min-lesion-ml", type=float, default=0.0, metavar="ML", help="remove lesions below this volume (0: keep all)"
+    )
+    parser.add_argument(
+        "--min-lesion-probability",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="remove lesions whose peak tumour probability is below P (0-1; 0: keep all)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["seg.nrrd", "nii.gz"],
+        default=None,
+        help="batch only: labelmap format of each case (default seg.nrrd)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result summary as JSON")
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_segment)
 
 
-def _run_segment(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.catalogue import resolve_model
-    from cmedl.segment import SegmentOptions, segment_file
+def _segment_options(args: argparse.Namespace) -> Any:
+    """The :class:`cmedl.segment.SegmentOptions` of the ``segment`` flags, validated."""
+    from cmedl.segment import SegmentOptions
 
-    if not Path(args.input).exists():
-        raise InputError(f"input not found: {args.input}")
-    if Path(args.input).resolve() == Path(args.output).resolve():
-        raise InputError("the output path is the input path; the input is never overwritten")
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold must be between 0 and 1")
-    options = SegmentOptions(
+    if args.uncertainty and not args.tta:
+        raise InputError("--uncertainty needs --tta (the uncertainty is the spread over the flips)")
+    return SegmentOptions(
         lung_threshold_hu=args.lung_threshold,
         roi_margin_mm=args.roi_margin,
         probability_threshold=args.threshold,
         batch_size=args.batch_size,
         device=args.device,
         force=args.force,
-    )
+        tta=args.tta,
+        min_lesion_ml=args.min_lesion_ml,
+        min_lesion_probability=args.min_lesion_probability,
+    ).validate()
+
+
+def _run_segment(args: argparse.Namespace, progress: Progress) -> int:
+    from cmedl.batch import is_batch_input
+    from cmedl.catalogue import resolve_model
+    from cmedl.segment import segment_file
+
+    if not Path(args.input).exists():
+        raise InputError(f"input not found: {args.input}")
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise InputError("the output path is the input path; the input is never overwritten")
+    options = _segment_options(args)
+    if is_batch_input(args.input):
+        return _run_segment_batch(args, progress, options)
+    if args.format:
+        raise InputError("--format is for a batch; for one CT the output's suffix chooses the format")
     try:
-        summary = segment_file(args.input, args.output, resolve_model(args.model), options, progress)
+        summary = segment_file(
+            args.input,
+            args.output,
+            resolve_model(args.model),
+            options,
+            progress,
+            lesions_path=args.lesions,
+            probabilities_path=args.probabilities,
+            uncertainty_path=args.uncertainty,
+        )
     except NotCTError as error:
         raise NotCTError(f"{error} (--force segments it anyway)") from None
     progress.done(summary)
     if args.json:
         _print_json(summary)
     elif args.progress != "json":
+        count = summary["lesion_count"]
         print(
-            f"{summary['output']}: lung tumour {summary['tumour_volume_ml']:.1f} mL, "
-            f"{summary['slices_segmented']} slices, {summary['seconds']:.1f} s on {summary['device']}"
+            f"{summary['output']}: lung tumour {summary['tumour_volume_ml']:.1f} mL in {count} "
+            f"lesion{'s' if count != 1 else ''}, {summary['slices_segmented']} slices, "
+            f"{summary['seconds']:.1f} s on {summary['device']}"
+        )
+        for line in _lesion_lines(summary["lesions"]):
+            print(line)
+    return 0
+
+
+def _lesion_lines(rows: list[dict], shown: int = 10) -> list[str]:
+    """One line per lesion for a person at a terminal (the first ``shown``, then a count of the rest)."""
+    lines = []
+    for row in rows[:shown]:
+        peak = "" if row["max_probability"] is None else f", peak p {row['max_probability']:.2f}"
+        lines.append(
+            f"  lesion {row['id']}: {row['volume_ml']:.2f} mL, {row['long_axis_mm']:.1f} x "
+            f"{row['short_axis_mm']:.1f} mm (slice {row['measured_slice']}){peak}, {row['location']}"
+        )
+    if len(rows) > shown:
+        lines.append(f"  ... and {len(rows) - shown} more (--lesions FILE writes them all)")
+    return lines
+
+
+def _run_segment_batch(args: argparse.Namespace, progress: Progress, options: Any) -> int:
+    """``cmedl segment FOLDER|LIST.txt -o OUT``: see :mod:`cmedl.batch`."""
+    from cmedl.batch import PARTIAL_FAILURE_EXIT_CODE, batch_inputs, run_batch
+    from cmedl.catalogue import resolve_model
+
+    if args.lesions:
+        raise InputError("--lesions is for one CT; a batch writes OUT/<case>.lesions.json for every case")
+    inputs = batch_inputs(args.input)
+    result = run_batch(
+        inputs,
+        args.output,
+        resolve_model(args.model),
+        options,
+        progress,
+        output_format=args.format or "seg.nrrd",
+        probabilities_folder=args.probabilities,
+        uncertainty_folder=args.uncertainty,
+    )
+    progress.done(result)
+    counts = result["counts"]
+    if args.json:
+        _print_json(result)
+    elif args.progress != "json":
+        print(
+            f"{result['out']}: {result['cases_total']} cases, {counts['ok']} segmented, {counts['skipped']} "
+            f"already done, {counts['failed']} failed; {result['summary_csv']}"
+        )
+    if counts["failed"]:
+        return _report(
+            progress,
+            f"{counts['failed']} of {result['cases_total']} cases failed; see {result['summary_csv']}",
+            PARTIAL_FAILURE_EXIT_CODE,
         )
     return 0
 
@@ -146,17 +267,14 @@ def _add_lungs(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_lungs(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.lungs import detect_lungs
-    from cmedl.volumes import read_volume, write_labelmap
+    from cmedl.lungs import detect_lungs, write_lung_masks
+    from cmedl.volumes import read_volume
 
     for out in (args.lungs_out, args.roi_out):
         if out and Path(out).resolve() == Path(args.input).resolve():
             raise InputError("an output path is the input path; the input is never overwritten")
     detection = detect_lungs(read_volume(args.input), threshold_hu=args.threshold, margin_mm=args.margin)
-    if args.lungs_out:
-        write_labelmap(detection.lung_mask, args.lungs_out)
-    if args.roi_out:
-        write_labelmap(detection.roi_mask, args.roi_out)
+    write_lung_masks(detection, args.lungs_out, args.roi_out)
     summary = detection.summary()
     if args.json:
         _print_json(summary)
@@ -194,6 +312,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="VGG16 weights of the cmedl contextual loss: a torchvision state dict file, or 'random' "
         "(default: ImageNet weights from the torch hub cache)",
     )
+    parser.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="fine-tune: start from this model file, catalogue name or run folder (a CMEDL run folder also starts "
+        "the teacher and translator); architecture, patch size, spacing and HU window come from its model card, "
+        "learning rates default to a tenth",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config value")
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_train)
@@ -214,6 +339,7 @@ def _named_train_values(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "seed": args.seed,
         "vgg_weights": args.vgg_weights,
+        "init": args.init,
     }
     return {key: value for key, value in named.items() if value is not None}
 
@@ -228,23 +354,36 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _run_train(args: argparse.Namespace, progress: Progress) -> int:
     from cmedl.training.config import TrainConfig
+    from cmedl.training.finetune import apply_init
     from cmedl.training.trainer import Trainer
 
     named = _named_train_values(args)
+    set_keys = {assignment.split("=", 1)[0].strip() for assignment in args.set}
     if args.resume:
-        if args.config or {"method", "ct", "mr", "out", "segmentor"} & set(named):
+        if args.config or {"method", "ct", "mr", "out", "segmentor", "init"} & set(named) or "init" in set_keys:
             raise InputError("--resume continues a run as configured; only --epochs, --device and --set may change")
         overrides = TrainConfig.from_dict({}).with_overrides(args.set)
-        changed = {key: getattr(overrides, key) for key in (s.split("=", 1)[0].strip() for s in args.set)}
+        changed = {key: getattr(overrides, key) for key in set_keys}
         # --set is applied last, as for a new run (and a key given both ways is then passed once)
         trainer = Trainer.resume_run(args.resume, progress, **{**named, **changed})
     else:
-        trainer = Trainer(train_config_from_args(args), progress)
+        config = train_config_from_args(args)
+        if config.init:
+            # What the user gave (config file, flags, --set) stays; the rest comes from the model (fine-tuning).
+            given = set(json.loads(Path(args.config).read_text())) if args.config else set()
+            config = apply_init(config, given | set(named) | set_keys)
+        trainer = Trainer(config, progress)
     status = trainer.fit()
     progress.done({"run": str(trainer.run.path), **status})
     if args.progress != "json":
         print(f"{trainer.run.path}: {status['state']} ({status.get('message', '')})")
-    return 0 if status["state"] in ("finished", "stopped") else 8
+    if status["state"] == "stopped":
+        from cmedl.training.distributed import launch_from_environment
+
+        # torchrun takes a worker's non-zero exit for a failure of the whole launch (tracebacks, exit 1): its
+        # workers end with 0, and status.json and the line above say that the run stopped.
+        return 0 if launch_from_environment() is not None else CancelledError.exit_code
+    return 0 if status["state"] == "finished" else 8
 
 
 # -- phantom -----------------------------------------------------------------------------------------
@@ -268,12 +407,15 @@ def _add_phantom(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_phantom(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.phantom import write_phantom_dataset
+    from cmedl.phantom import size_problem, write_phantom_dataset
 
     if args.ct < 0 or args.mr < 0 or args.ct + args.mr == 0:
         raise InputError("ask for at least one case (--ct N and/or --mr M, not negative)")
     if args.size < 64:
         raise InputError("--size must be at least 64")
+    problem = size_problem(args.size, name="--size")  # the range, and the memory one case needs
+    if problem:
+        raise InputError(problem)
     summary = write_phantom_dataset(
         args.out,
         n_ct=args.ct,
@@ -305,6 +447,7 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace, progress: Progress) -> int:
     from cmedl.catalogue import resolve_model
     from cmedl.modelfile import describe_model
+    from cmedl.training.finetune import fine_tuned_on_line, parent_line
 
     info = describe_model(resolve_model(args.model))
     if args.json:
@@ -328,6 +471,10 @@ def _run_info(args: argparse.Namespace, progress: Progress) -> int:
     ]
     if card.get("description"):
         lines.append(f"description:   {card['description']}")
+    if parent_line(card):
+        lines.append(f"parent:        {parent_line(card)}")
+    if fine_tuned_on_line(card):
+        lines.append(f"fine-tuned on: {fine_tuned_on_line(card)}")
     deviations = (card.get("training") or {}).get("deviations") or []
     if deviations:
         lines.append("deviations from the paper:")
@@ -512,8 +659,10 @@ def _run_models_list(args: argparse.Namespace, progress: Progress) -> int:
 
 def _run_models_add(args: argparse.Namespace, progress: Progress) -> int:
     from cmedl.catalogue import add_model
+    from cmedl.modelfile import check_model_file
 
-    entry = add_model(args.file, name=args.name, overwrite=args.overwrite)
+    # The full check (network built, weights loaded) refuses a file that would only fail at segment time.
+    entry = add_model(args.file, name=args.name, overwrite=args.overwrite, check=check_model_file)
     print(f"added {entry.name}: {entry.path}")
     return 0
 
@@ -583,25 +732,40 @@ def _run_demo(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("bench", help="inference speed: ms per slice per segmentor, whole-CT time and memory")
+    parser = commands.add_parser(
+        "bench",
+        help="inference speed against this machine's matmul peak: reference vs fast path per segmentor, whole CT",
+    )
     parser.add_argument("--segmentors", default="unet,densefcn,mrrn")
-    parser.add_argument("--batch-sizes", default="1,4,8")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", default="1", help="slices per network call, comma-separated")
+    parser.add_argument("--size", type=int, default=256, help="slice side in pixels")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs, paths alternating")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--skip-volume", action="store_true", help="skip the whole-CT figure")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per physical core)")
+    parser.add_argument("--skip-volume", action="store_true", help="skip the whole-CT figures")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
     parser.set_defaults(handler=_run_bench, progress="none")
 
 
 def _run_bench(args: argparse.Namespace, progress: Progress) -> int:
     from cmedl.bench import run_benchmarks
 
-    run_benchmarks(
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be at least 1")
+    if args.size < 32 or args.repeats < 1:
+        raise InputError("--size must be at least 32 and --repeats at least 1")
+    figures = run_benchmarks(
         segmentors=[s for s in args.segmentors.split(",") if s],
         batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b],
         repeats=args.repeats,
         device=args.device,
         whole_volume=not args.skip_volume,
+        threads=args.threads,
+        size=args.size,
+        quiet=args.json,
     )
+    if args.json:
+        _print_json(figures)
     return 0
 
 
@@ -640,12 +804,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write all their outputs or none: stopped, they have written nothing.
+_ALL_OR_NOTHING = ("segment", "translate", "lungs", "evaluate", "info", "models")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = _progress_for(args)
     handler: Handler = args.handler
     try:
-        return handler(args, progress)
+        # SIGTERM and SIGINT: `train` stops at its next consistent point and saves it; every other command stops
+        # at once, its temporary files removed as the exception passes (see cmedl.interrupts).
+        with stop_signals(cooperative=args.command == "train"):
+            return handler(args, progress)
+    except Interrupted as stop:
+        return _report(progress, _stopped_message(args, stop.signal_name), stop.exit_code)
     except CMEDLError as error:
         return _report(progress, str(error) or type(error).__name__, error.exit_code)
     except KeyboardInterrupt:
@@ -659,6 +832,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(progress, "the GPU ran out of memory; try a smaller --batch-size or --device cpu", 1)
         first = str(error).splitlines()[0] if str(error) else ""
         return _report(progress, f"unexpected {type(error).__name__}: {first} (CMEDL_DEBUG=1 for more)", 1)
+
+
+def _stopped_message(args: argparse.Namespace, signal_name: str) -> str:
+    """The one line of a command stopped by a signal: what it leaves behind."""
+    if args.command in _ALL_OR_NOTHING and not (args.command == "segment" and _is_batch(args)):
+        return f"stopped by {signal_name}; nothing written"
+    return f"stopped by {signal_name}; outputs completed before are kept, none is left half-written"
+
+
+def _is_batch(args: argparse.Namespace) -> bool:
+    try:
+        from cmedl.batch import is_batch_input
+
+        return bool(is_batch_input(args.input))
+    except Exception:  # a stop message must not fail; a batch is the careful assumption
+        return True
 
 
 def _report(progress: Progress, message: str, exit_code: int) -> int:

@@ -148,6 +148,7 @@ def predict_slices(
     device: torch.device | str = "cpu",
     background: float = -1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    skip_below: float | None = None,
 ) -> Iterator[tuple[Any, np.ndarray]]:
     """Run ``network`` tile by tile over 2D slices and yield ``(key, probabilities)`` per slice.
 
@@ -156,6 +157,8 @@ def predict_slices(
             Slices smaller than ``patch`` are padded with ``background``.
         num_classes: channels of the network's logits.
         patch: tile side in pixels.
+        skip_below: when given, a tile whose every pixel is below it (air outside the body) is not run: its
+            probabilities are class 0 (background) everywhere.
 
     Yields:
         ``(key, probabilities)`` in input order, probabilities being float32 ``(num_classes, H, W)`` softmax
@@ -166,14 +169,21 @@ def predict_slices(
     autocast = autocast or contextlib.nullcontext
     blender: SliceBlender | None = None
     size: tuple[int, int] | None = None
-    batch: list[tuple[Any, tuple[int, int], np.ndarray]] = []
+    batch: list[tuple[Any, tuple[int, int], np.ndarray | None]] = []
+    outside = np.zeros((num_classes, patch, patch), dtype=np.float32)
+    outside[0] = 1.0
 
     def run(batch):
-        inputs = torch.from_numpy(np.stack([tile for _, _, tile in batch])[:, None]).to(device)
-        with torch.inference_mode(), autocast():
-            logits = network(inputs)
-        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        for (key, tile, _), tile_probabilities in zip(batch, probabilities):
+        # Skipped tiles (None) stay in the batch, so that the slices still finish in input order.
+        tiles = [tile for _, _, tile in batch if tile is not None]
+        computed = iter(())
+        if tiles:
+            inputs = torch.from_numpy(np.stack(tiles)[:, None]).to(device)
+            with torch.inference_mode(), autocast():
+                logits = network(inputs)
+            computed = iter(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        for key, tile, pixels in batch:
+            tile_probabilities = outside if pixels is None else next(computed)
             blended = blender.add(key, tile, tile_probabilities)
             if blended is not None:
                 yield key, blended[:, : size[0], : size[1]]
@@ -187,7 +197,10 @@ def predict_slices(
             raise ValueError(f"all slices must have one size; got {image.shape} after {size}")
         padded, _ = pad_to_at_least(np.asarray(image, dtype=np.float32), patch, background)
         for row, col in blender.tiles:
-            batch.append((key, (row, col), padded[row : row + patch, col : col + patch]))
+            tile = padded[row : row + patch, col : col + patch]
+            if skip_below is not None and tile.max() < skip_below:
+                tile = None
+            batch.append((key, (row, col), tile))
             if len(batch) == batch_size:
                 yield from run(batch)
                 batch = []

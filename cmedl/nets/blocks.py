@@ -103,5 +103,16 @@ class Segmentor(nn.Module):
                 f"pad or crop the input (for example to {max(d, -(-height // d) * d)}x{max(d, -(-width // d) * d)})"
             )
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules of the encoder (the contracting path, down to and including the deepest block).
+
+        Each trainable architecture names its own; fine-tuning can freeze them while the decoder adapts.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not name its encoder")
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters of :meth:`encoder_modules`, in module order (what ``freeze_encoder_epochs`` holds still)."""
+        return [parameter for module in self.encoder_modules() for parameter in module.parameters()]
+
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.config.items() if key != "name")

@@ -175,6 +175,11 @@ class DenseFCN(Segmentor):
         self.classifier = nn.Conv2d(channels, self.num_classes, kernel_size=1, bias=True)
         self.hint_channels = (hint1_channels, channels)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """The stem, the down-path dense blocks and transitions, and the bottleneck block (the deepest, as the
+        U-Net's ``down4``); the transitions up, up-path blocks and classifier are the decoder."""
+        return [self.stem, self.down_blocks, self.transitions_down, self.bottleneck]
+
     def forward(
         self, x: torch.Tensor, return_hints: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:

@@ -163,6 +163,11 @@ class MRRN(Segmentor):
         self.out_conv = nn.Conv2d(b, self.num_classes, kernel_size=1, bias=True)
         self.hint_channels = (b, b)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """The stem and its residual units, residual stream 1's entry conv and the four encoder levels; the decoder
+        levels, the head (with RU11-RU33) and the classifier are the decoder."""
+        return [self.stem, self.stem_units, self.residual_stream, self.encoder]
+
     def forward(
         self, x: torch.Tensor, return_hints: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:

@@ -92,6 +92,10 @@ class UNet(Segmentor):
         self.outc = nn.Conv2d(b, self.num_classes, kernel_size=1)
         self.hint_channels = (b, b)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """``inc`` and the four down steps (``down4`` is the bottleneck); the up steps and classifier: the decoder."""
+        return [self.inc, self.down1, self.down2, self.down3, self.down4]
+
     def forward(
         self, x: torch.Tensor, return_hints: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:

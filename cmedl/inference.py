@@ -1,0 +1,438 @@
+"""The fast inference path: the network as the hardware runs it best, on the tiles the reference path uses.
+
+What :class:`InferenceEngine` does differently from the reference path (:func:`cmedl.patches.predict_slices` on
+training-size tiles with the network as trained):
+
+* **BatchNorm folded** into the convolution before it (:func:`fold_batchnorm`): in inference BatchNorm is a
+  per-channel affine map, so ``conv -> BN`` is one convolution with rescaled weights and a new bias, and a pass
+  over every activation disappears. Only a BatchNorm that directly follows a convolution in an ``nn.Sequential``
+  is folded (U-Net and MRRN: every ``conv3x3 -> BN -> ReLU``); FC-DenseNet's ``BN -> ReLU -> conv`` has a ReLU
+  between BatchNorm and the next convolution and its BatchNorms stay.
+* **channels_last** memory format for the weights and the input: oneDNN's convolutions on CPU (and cuDNN's with
+  tensor cores) work in NHWC; with NCHW tensors every convolution converts its input and output.
+* **Precision the hardware runs natively** (:func:`choose_precision`): bf16 autocast on a CPU with AVX512-BF16 or
+  AMX (``/proc/cpuinfo`` flags), bf16 or fp16 on CUDA as :func:`cmedl.devices.autocast_dtype` decides, fp32
+  elsewhere. On a CPU without those flags bf16 is emulated and several times slower than fp32.
+* **Tiles of air outside the body are not run** (every pixel below :data:`OUTSIDE_BODY_HU`): their
+  probabilities are background.
+* **One tile per slice, on request** (``tiles="slice"``): the networks are fully convolutional, so an ROI slice
+  can be padded to the network's required multiple (:func:`required_multiple`: 16 for U-Net and MRRN with four
+  poolings, 32 for FC-DenseNet with five) and run whole, instead of being cut into overlapping training-size
+  tiles whose overlaps are computed two to four times. Only a slice whose activations would exceed the memory
+  budget (:func:`tile_pixel_limit`) is then tiled, with the largest tiles that fit. This is NOT the default:
+  a network trained on small patches answers differently with a whole slice of context and no tile borders.
+  With the built-in model the masks agree with the reference only to Dice 0.89-0.93 on phantoms and 0.10-0.87
+  on the real CTs where it finds anything (small false-positive regions that move with the context), below the
+  0.99 this path must keep; so the default (``tiles="training"``) keeps the reference's tiles and blending
+  (``benchmarks/README.md`` has the figures). A model trained or validated on whole slices could use it.
+* **Threads** (:func:`configure_threads`): one per idle physical core, by the rule of :mod:`cmedl.cpu`; set only
+  in the command-line process, never when the engine is imported as a library.
+
+With the default tiles the two paths give the same masks (Dice 1.0) on phantoms and on every real CT of the
+test data, probabilities within one step of 255 (``Testing/test_inference_speed.py`` checks a phantom and a
+real CT); the reference path stays available (``Segmenter(..., fast=False)`` or ``CMEDL_FAST_PATH=0``) for that
+check and for ``cmedl bench``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmedl.cpu import ThreadChoice, inference_threads, is_cli_process, native_bf16_flags
+from cmedl.devices import autocast_dtype
+from cmedl.memory import available_ram_bytes
+from cmedl.patches import predict_slices
+
+#: environment variable that turns the fast path off ("0", "false", "no", "off") for a comparison or a workaround
+FAST_PATH_ENV = "CMEDL_FAST_PATH"
+#: share of the free memory (RAM on CPU, GPU memory on CUDA) one network call may plan to use for activations
+ACTIVATION_MEMORY_SHARE = 0.25
+#: the most activation memory one network call plans for, even on a machine with much more free
+ACTIVATION_MEMORY_CAP = 4 * 1024**3
+#: how inference tiles a slice: as in training (the reference's tiles) or one tile per slice
+TILE_MODES = ("training", "slice")
+#: environment variable choosing the fast path's tile mode (one of TILE_MODES) where no caller does
+TILES_ENV = "CMEDL_TILES"
+#: HU below which a whole tile is air outside the body (outside air reads about -1000 HU; lung tissue with its
+#: vessels and any tumour reads well above it somewhere in a tile)
+OUTSIDE_BODY_HU = -900.0
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic the network runs in: ``dtype`` None is plain fp32; ``reason`` is one line for a summary."""
+
+    name: str
+    dtype: torch.dtype | None
+    reason: str
+
+
+def fast_path_enabled(environ: dict[str, str] | None = None) -> bool:
+    """True unless :data:`FAST_PATH_ENV` turns the fast path off."""
+    value = (os.environ if environ is None else environ).get(FAST_PATH_ENV, "").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def tile_mode_from_env(environ: dict[str, str] | None = None) -> str:
+    """The tile mode :data:`TILES_ENV` asks for (``training`` when unset or unknown)."""
+    value = (os.environ if environ is None else environ).get(TILES_ENV, "").strip().lower()
+    return value if value in TILE_MODES else "training"
+
+
+def choose_precision(device: torch.device, mode: str = "auto", flags: frozenset[str] | None = None) -> Precision:
+    """The precision for inference on ``device``, and why.
+
+    ``mode`` ``auto`` takes reduced precision only where the hardware computes it natively: on CUDA what
+    :func:`cmedl.devices.autocast_dtype` picks (bf16 where supported, else fp16); on a CPU bf16 when its flags
+    (``flags``, default ``/proc/cpuinfo``) include ``avx512_bf16`` or ``amx_bf16``, else fp32. ``fp32``, ``bf16``
+    and ``fp16`` force a precision (to measure, or to compare).
+    """
+    if mode not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision mode {mode!r}; use auto, fp32, bf16 or fp16")
+    if mode == "fp32":
+        return Precision("fp32", None, "fp32 as asked")
+    if mode in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+        return Precision(mode, dtype, f"{mode} autocast as asked")
+    if device.type == "cuda":
+        dtype = autocast_dtype(device, "auto")
+        name = "bf16" if dtype == torch.bfloat16 else "fp16"
+        return Precision(name, dtype, f"{name} autocast on CUDA ({'bf16 supported' if name == 'bf16' else 'no bf16'})")
+    if device.type == "cpu":
+        native = native_bf16_flags(flags)
+        if native:
+            return Precision("bf16", torch.bfloat16, f"bf16 autocast: the CPU has {' and '.join(native)}")
+        return Precision("fp32", None, "fp32: the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)")
+    return Precision("fp32", None, f"fp32 on {device.type}")
+
+
+def configure_threads(explicit: int | None = None) -> ThreadChoice:
+    """Set torch's intra-op threads by the rule of :func:`cmedl.cpu.inference_threads`; returns the choice."""
+    choice = inference_threads(explicit)
+    torch.set_num_threads(choice.count)
+    return choice
+
+
+def required_multiple(network: nn.Module) -> int:
+    """The multiple the network's input height and width must be (``size_divisor``; 1 for a pointwise network)."""
+    return max(1, int(getattr(network, "size_divisor", 1) or 1))
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An equivalent copy of ``model`` for inference with every ``Conv2d -> BatchNorm2d`` pair merged.
+
+    In evaluation BatchNorm computes ``(x - mean) / sqrt(var + eps) * gamma + beta`` per channel with its
+    running statistics; applied to a convolution's output this is the convolution with weights scaled by
+    ``s = gamma / sqrt(var + eps)`` per output channel and bias ``(b - mean) * s + beta``. The BatchNorm is
+    replaced by ``nn.Identity``. A pair counts only when the BatchNorm directly follows the convolution inside an
+    ``nn.Sequential`` (so nothing else consumes the convolution's output) and has running statistics; any other
+    BatchNorm is left as it is (FC-DenseNet's ``BN -> ReLU -> conv``).
+
+    The copy is in evaluation mode, its parameters do not require gradients, and it refuses ``train()``: the
+    folded weights hold the running statistics and must not be trained or saved as the model. Its attribute
+    ``folded_batchnorm`` counts the folded layers. ``model`` itself is not changed.
+    """
+    folded = copy.deepcopy(model).eval()
+    count = 0
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = module._modules[first], module._modules[second]
+            if _foldable(conv, norm):
+                _fold_into(conv, norm)  # type: ignore[arg-type]
+                module._modules[second] = nn.Identity()
+                count += 1
+    for parameter in folded.parameters():
+        parameter.requires_grad_(False)
+    folded.folded_batchnorm = count  # type: ignore[assignment]
+    folded.train = _refuse_training.__get__(folded)  # type: ignore[method-assign]
+    return folded
+
+
+def _foldable(conv: nn.Module | None, norm: nn.Module | None) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and isinstance(norm, nn.BatchNorm2d)
+        and norm.running_mean is not None
+        and norm.running_var is not None
+        and norm.num_features == conv.out_channels
+    )
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = torch.zeros_like(scale)
+    if norm.affine:
+        scale, shift = scale * norm.weight, norm.bias
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    new_bias = (bias - norm.running_mean) * scale + shift
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+def _refuse_training(self: nn.Module, mode: bool = True) -> nn.Module:
+    if mode:
+        raise RuntimeError("this network has its BatchNorm folded for inference; train the original model")
+    return nn.Module.train(self, False)
+
+
+def activation_bytes_per_pixel(
+    network: nn.Module, device: torch.device, in_channels: int = 1, multiple: int | None = None
+) -> float:
+    """An upper bound of the activation memory of one forward pass, in bytes per input pixel.
+
+    Measured once on a small probe input: the outputs of all leaf modules summed, as if none were freed (in
+    fact most are released as soon as the next layer has read them, so this overestimates the live set two to
+    four times, which is the safety margin). ``multiple`` is the network's required input multiple (default
+    :func:`required_multiple`).
+    """
+    side = 4 * (multiple or required_multiple(network))
+    total = 0
+
+    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * 4  # fp32; reduced precision only lowers it
+        return None
+
+    leaves = [module for module in network.modules() if not list(module.children())]
+    handles = [module.register_forward_hook(count) for module in leaves]
+    try:
+        with torch.inference_mode():
+            network(torch.zeros(1, in_channels, side, side, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(total, 4 * side * side) / float(side * side)
+
+
+def activation_budget_bytes(device: torch.device) -> int:
+    """Activation memory one network call may plan for: a share of the free memory, capped."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = available_ram_bytes() or 8 * 1024**3
+    return int(min(ACTIVATION_MEMORY_CAP, ACTIVATION_MEMORY_SHARE * free))
+
+
+def tile_pixel_limit(
+    network: nn.Module, device: torch.device, budget_bytes: int | None = None, multiple: int | None = None
+) -> int:
+    """The most input pixels (all slices of one call together) whose activations fit the memory budget."""
+    budget = activation_budget_bytes(device) if budget_bytes is None else budget_bytes
+    return max(1, int(budget / activation_bytes_per_pixel(network, device, multiple=multiple)))
+
+
+def padded_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """``(rows, columns)`` rounded up to ``multiple`` (at least one multiple)."""
+    return tuple(max(multiple, -(-n // multiple) * multiple) for n in size)  # type: ignore[return-value]
+
+
+@dataclass
+class InferenceEngine:
+    """A network ready for inference on ``device`` and the way it is run over 2D slices.
+
+    Args:
+        network: the trained network (not changed: the fast path works on a folded copy).
+        device: where it runs.
+        fast: the fast path (see the module docstring); False runs the reference path.
+        tiles: ``training`` (the model card's patch size and overlap, as the reference) or ``slice`` (one tile per
+            ROI slice; see the module docstring). The reference path always uses training-size tiles.
+        precision: ``auto`` or a forced precision (see :func:`choose_precision`); the reference path uses what
+            :func:`cmedl.devices.autocast_dtype` picks (mixed precision on CUDA only).
+        threads: a thread count to set; None sets the rule's count in the command-line process only.
+        budget_bytes: activation memory one call may use (default :func:`activation_budget_bytes`).
+    """
+
+    network: nn.Module
+    device: torch.device
+    fast: bool = True
+    precision_mode: str = "auto"
+    tiles: str = "training"
+    threads: int | None = None
+    budget_bytes: int | None = None
+    precision: Precision = field(init=False)
+    thread_choice: ThreadChoice | None = field(init=False, default=None)
+    model: nn.Module = field(init=False)
+    folded: int = field(init=False, default=0)
+    multiple: int = field(init=False, default=1)
+    tiling: str = field(init=False, default="")
+    _pixel_limit: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.tiles not in TILE_MODES:
+            raise ValueError(f"unknown tile mode {self.tiles!r}; use {' or '.join(TILE_MODES)}")
+        if self.threads is not None or is_cli_process():
+            self.thread_choice = configure_threads(self.threads)
+        self.multiple = required_multiple(self.network)
+        if not self.fast:
+            self.model = self.network.to(self.device).eval()
+            dtype = autocast_dtype(self.device, "auto")
+            name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+            self.precision = Precision(name, dtype, "reference path: mixed precision on CUDA only")
+            return
+        self.precision = choose_precision(self.device, self.precision_mode)
+        model = fold_batchnorm(self.network.to(self.device))
+        self.folded = int(getattr(model, "folded_batchnorm", 0))
+        self.model = model.to(memory_format=torch.channels_last)
+
+    @property
+    def pixel_limit(self) -> int:
+        """Input pixels one network call may take (measured on first use)."""
+        if self._pixel_limit is None:
+            self._pixel_limit = tile_pixel_limit(self.model, self.device, self.budget_bytes, self.multiple)
+        return self._pixel_limit
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the chosen precision (a no-op for fp32)."""
+        if self.precision.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.dtype)
+
+    def report(self) -> dict[str, Any]:
+        """What the segment summary says about the path: ``{"precision": ..., "fast_path": {...}}``."""
+        threads = self.thread_choice
+        fast_path: dict[str, Any] = {"enabled": self.fast}
+        if self.fast:
+            fast_path.update(channels_last=True, batchnorm_folded=self.folded, tiles=self.tiles)
+        if self.tiling:
+            fast_path["tiling"] = self.tiling
+        fast_path["threads"] = threads.count if threads else torch.get_num_threads()
+        fast_path["threads_reason"] = threads.reason if threads else "left as the host process set them"
+        return {"precision": self.precision.name, "precision_reason": self.precision.reason, "fast_path": fast_path}
+
+    def predict(
+        self,
+        slices: Iterable[tuple[Any, np.ndarray]],
+        num_classes: int,
+        patch: int,
+        overlap: float,
+        batch_size: int,
+        background: float = -1.0,
+        outside_level: float | None = None,
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        """Class probabilities ``(num_classes, H, W)`` float32 for each ``(key, image)``, in input order.
+
+        ``image`` is a normalised float32 ``(H, W)`` slice, all of one size. With training-size tiles (the
+        reference path, and the fast path by default) the slices are cut into ``patch`` tiles overlapping by
+        ``overlap``, ``batch_size`` tiles per call. With ``tiles="slice"`` up to ``batch_size`` whole slices go
+        into one call (fewer when the memory budget asks), or, for a slice too large for one call, tiles as
+        large as fit. On the fast path, tiles below ``outside_level`` (normalised) everywhere are air outside
+        the body and not run.
+        """
+        skip_below = outside_level if self.fast else None
+        if not self.fast or self.tiles == "training":
+            self.tiling = f"{patch}-px tiles overlapping by {overlap:g}, {batch_size} per call"
+            yield from predict_slices(
+                self.model, slices, num_classes=num_classes, patch=patch, overlap=overlap, batch_size=batch_size,
+                device=self.device, background=background, autocast=self.autocast, skip_below=skip_below,
+            )  # fmt: skip
+            return
+        iterator = iter(slices)
+        first = next(iterator, None)
+        if first is None:
+            return
+        size = tuple(first[1].shape)
+        padded = padded_size(size, self.multiple)  # type: ignore[arg-type]
+        pixels = padded[0] * padded[1]
+        if pixels > self.pixel_limit:
+            side = max(patch, int(math.isqrt(self.pixel_limit)) // self.multiple * self.multiple)
+            self.tiling = f"{side}-px tiles (a {size[0]}x{size[1]} slice exceeds the memory budget)"
+            yield from predict_slices(
+                self.model, _chain(first, iterator), num_classes=num_classes, patch=side, overlap=overlap,
+                batch_size=1, device=self.device, background=background, autocast=self.autocast,
+                skip_below=skip_below,
+            )  # fmt: skip
+            return
+        per_call = max(1, min(batch_size, self.pixel_limit // pixels))
+        self.tiling = f"one {padded[0]}x{padded[1]} tile per slice, {per_call} per call"
+        top, left = (padded[0] - size[0]) // 2, (padded[1] - size[1]) // 2
+        window = (slice(top, top + size[0]), slice(left, left + size[1]))
+        batch: list[tuple[Any, np.ndarray]] = []
+        for key, image in _chain(first, iterator):
+            if image.shape != size:
+                raise ValueError(f"all slices must have one size; got {image.shape} after {size}")
+            batch.append((key, image))
+            if len(batch) == per_call:
+                yield from self._run_whole(batch, padded, window, background)
+                batch = []
+        if batch:
+            yield from self._run_whole(batch, padded, window, background)
+
+    def _run_whole(
+        self,
+        batch: list[tuple[Any, np.ndarray]],
+        padded: tuple[int, int],
+        window: tuple[slice, slice],
+        background: float,
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        stack = np.full((len(batch), 1, *padded), background, dtype=np.float32)
+        for index, (_, image) in enumerate(batch):
+            stack[index, 0][window] = image
+        probabilities = self._forward(torch.from_numpy(stack))[:, :, window[0], window[1]]
+        for (key, _), values in zip(batch, probabilities.numpy()):
+            yield key, values
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (float32, on the CPU) of a ``(B, C, H, W)`` batch."""
+        inputs = inputs.to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.autocast():
+            logits = self.model(inputs)
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def _chain(first: tuple[Any, np.ndarray], rest: Iterator[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
+    yield first
+    yield from rest
+
+
+def flops_per_forward(network: nn.Module, size: tuple[int, int], in_channels: int = 1) -> int:
+    """Floating-point operations (multiply and add counted apart) of one forward pass at ``size`` (rows, columns).
+
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode`: convolutions, transposed convolutions and
+    matrix products; BatchNorm, activations, pooling and interpolation are memory-bound and not counted (they
+    are what folding and channels_last save).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        network(torch.zeros(1, in_channels, *size))
+    return int(counter.get_total_flops())
+
+
+__all__ = [
+    "FAST_PATH_ENV",
+    "InferenceEngine",
+    "OUTSIDE_BODY_HU",
+    "TILES_ENV",
+    "TILE_MODES",
+    "Precision",
+    "activation_bytes_per_pixel",
+    "choose_precision",
+    "configure_threads",
+    "fast_path_enabled",
+    "flops_per_forward",
+    "fold_batchnorm",
+    "padded_size",
+    "required_multiple",
+    "tile_mode_from_env",
+    "tile_pixel_limit",
+]
