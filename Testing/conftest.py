@@ -57,7 +57,9 @@ def run_cmedl(*args: str, timeout: float = 300, **kwargs) -> subprocess.Complete
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-m", "cmedl", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+        # The engine writes UTF-8 (e.g. "cm²"); decoding must not depend on the test machine's locale.
+        [sys.executable, "-m", "cmedl", *args], capture_output=True, encoding="utf-8", errors="replace",
+        timeout=timeout, env=env, **kwargs,
     )
 
 
