@@ -38,7 +38,7 @@ The only real CT tumour labels here are the Medical Segmentation Decathlon Task0
 
 Running it (12 minutes of CPU time on one core; 28 minutes of wall time beside other jobs on two cores)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune_real_patches.py --work /tmp/finetune_real \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune_real_patches.py --work WORK_DIR \
         --out benchmarks/results/finetune_real_patches.json
 
 Training runs, phantoms and per-model scores are kept in ``--work`` and reused by a later invocation with the same
