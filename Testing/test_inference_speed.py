@@ -20,6 +20,7 @@ from cmedl.catalogue import builtin_model_path
 from cmedl.inference import (
     InferenceEngine,
     choose_precision,
+    flops_per_forward,
     fold_batchnorm,
     padded_size,
     required_multiple,
@@ -167,6 +168,28 @@ def test_required_multiples_and_padding() -> None:
     assert required_multiple(torch.nn.Identity()) == 1
     assert padded_size((100, 70), 16) == (112, 80) and padded_size((5, 32), 32) == (32, 32)
     assert tile_mode_from_env({"CMEDL_TILES": "slice"}) == "slice" and tile_mode_from_env({}) == "training"
+
+
+class _RecordsInputDevice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.seen: list[torch.device] = []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.seen.append(inputs.device)
+        return self.conv(inputs)
+
+
+def test_flops_are_counted_on_the_device_the_network_lives_on() -> None:
+    # `cmedl bench --device cuda` counts FLOPs of a network already moved to the GPU, where a CPU probe input
+    # fails. The meta device stands in for any device other than the CPU.
+    network = _RecordsInputDevice()
+    expected = 2 * 4 * 9 * 32 * 32  # multiply and add per output value, 3x3 kernel, one input channel
+    assert flops_per_forward(network, (32, 32)) == expected
+    assert flops_per_forward(network.to("meta"), (32, 32)) == expected
+    assert [device.type for device in network.seen] == ["cpu", "meta"]
+    assert flops_per_forward(torch.nn.Identity(), (8, 8)) == 0
 
 
 def test_whole_slices_tiles_and_skipped_air_agree_for_a_pointwise_network() -> None:

@@ -412,9 +412,11 @@ def flops_per_forward(network: nn.Module, size: tuple[int, int], in_channels: in
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    parameter = next(network.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        network(torch.zeros(1, in_channels, *size))
+        network(torch.zeros(1, in_channels, *size, device=device))
     return int(counter.get_total_flops())
 
 
