@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import run_cmedl, shared_data
+from conftest import PROJECT_ROOT, run_cmedl, shared_data
 
 from cmedl import __version__
 from cmedl.cli import build_parser, main, train_config_from_args
@@ -28,6 +30,29 @@ def test_version_and_help() -> None:
     result = run_cmedl("--help")
     for command in ("segment", "translate", "lungs", "train", "phantom", "info", "models", "demo", "bench"):
         assert command in result.stdout
+
+
+def test_the_console_script_is_the_command_line_process_as_python_dash_m_is() -> None:
+    # Inference sets torch's threads only in the command-line process: the installed `cmedl` script must mark
+    # itself as `python -m cmedl` does, and calling `main` as a library must not.
+    import tomllib
+
+    scripts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["cmedl"] == "cmedl.cli:console"
+    probe = (
+        "import sys\n"
+        "from cmedl import cli, cpu\n"
+        "cli.main(['models', 'path'])\n"
+        "print('library', cpu.is_cli_process())\n"
+        "sys.argv = ['cmedl', 'models', 'path']\n"
+        "try:\n"
+        "    cli.console()\n"
+        "except SystemExit as stop:\n"
+        "    print('console', cpu.is_cli_process(), stop.code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "library False" in result.stdout and "console True 0" in result.stdout
 
 
 def test_lungs_writes_masks_on_the_ct_grid_and_reports_json(tmp_path: Path) -> None:

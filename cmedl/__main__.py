@@ -5,8 +5,6 @@ Marking the process as the command line lets inference set torch's threads (one 
 imported here: each command imports what it needs (``cmedl --help``, ``lungs`` and ``models`` never load torch).
 """
 
-from cmedl.cli import main
-from cmedl.cpu import mark_cli_process
+from cmedl.cli import console
 
-mark_cli_process()
-raise SystemExit(main())
+console()

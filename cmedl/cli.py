@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmedl import __version__
+from cmedl.cpu import mark_cli_process
 from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, NotCTError
 from cmedl.interrupts import stop_signals
 from cmedl.progress import JsonLinesProgress, Progress, TextProgress
@@ -806,6 +807,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that write all their outputs or none: stopped, they have written nothing.
 _ALL_OR_NOTHING = ("segment", "translate", "lungs", "evaluate", "info", "models")
+
+
+def console() -> None:
+    """The ``cmedl`` console script: the command-line process, as ``python -m cmedl`` is (see ``__main__``)."""
+    mark_cli_process()
+    raise SystemExit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
