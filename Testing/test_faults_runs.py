@@ -375,7 +375,7 @@ def test_a_phantom_too_large_for_this_machine_is_refused_up_front(
     out = tmp_path / "phantom"
     assert main(["phantom", str(out), "--ct", "1", "--mr", "0", "--size", "200000"]) == 3
     assert "--size must be at most 4096, got 200000" in capsys.readouterr().err
-    monkeypatch.setattr("cmedl.phantom.available_ram_bytes", lambda: 2**30)
+    monkeypatch.setattr("cmedl.phantom.case.available_ram_bytes", lambda: 2**30)
     assert main(["phantom", str(out), "--ct", "1", "--mr", "0", "--size", "1024"]) == 3
     assert "--size 1024 needs about 3.1 GiB of memory per case, more than the 1.0 GiB free" in capsys.readouterr().err
     assert not out.exists()

@@ -1,29 +1,11 @@
-"""Synthetic unpaired CT and T2-weighted MRI chest phantoms with known lung tumours.
+"""Chest anatomy of the phantoms: the tissue codes and the drawing of one chest into a tissue map.
 
-A phantom is built in two steps. First an anatomy is drawn from the seed as a tissue map (one
-:class:`Tissue` code per voxel): body with subcutaneous fat and muscle, ribs and costal cartilage, sternum,
-spine, two lungs with branching vessels and bronchi joined to the hila, trachea and main bronchi, heart,
-aorta, venae cavae and pulmonary arteries, diaphragm, liver, and 1-3 lobulated tumours of 1-6 cm. About
-60% of the tumours abut the mediastinum or the chest wall, where CT shows them with only a few HU of
-contrast. Then the tissue map is rendered in one modality:
-
-* CT: int16 Hounsfield units, lung parenchyma around -850 HU with texture and a dependent density
-  gradient, tumour a few HU below mediastinal soft tissue, partial-volume blur and slightly correlated
-  Gaussian noise (sigma 10-25 HU).
-* MR: float32 arbitrary units (about 0..1000) with T2-weighted contrast: bright tumour, fat and fluid,
-  dark lungs, flow voids in the heart and vessels, a smooth multiplicative coil bias and Rician noise.
-
-The anatomy depends only on ``seed``, ``size``, ``slices``, ``spacing`` and ``tumour_locations``; the
-modality changes only how tissues look. ``make_phantom("ct", s)`` and ``make_phantom("mr", s)`` are
-therefore a *paired* case, while :func:`write_phantom_dataset` derives independent seeds per modality and
-case so that its CT and MR sets are unpaired, as in the CMEDL training setting.
-
-Tumour options: ``ct_tumour_contrast`` sets the CT tumour's mean exactly that many HU from mediastinal soft
-tissue (and keeps the tissues it abuts within -2..+4 HU of that level); ``tumour_locations`` asks for one
-tumour per listed site instead of random ones. ``PhantomCase.instances`` numbers the tumours, and
-:func:`measure_tumour_contrast` measures each one's contrast, noise and CNR against the tissue around it.
-:func:`write_phantom_dataset` can stratify tumour sites, add the MR of each CT case's anatomy, and writes
-the measurements to ``tumours.csv``.
+:class:`_ChestBuilder` draws a patient from a random generator and paints one :class:`Tissue` code per
+voxel: body with subcutaneous fat and muscle, ribs and costal cartilage, sternum, spine, two lungs with
+branching vessels and bronchi joined to the hila, trachea and main bronchi, heart, aorta, venae cavae and
+pulmonary arteries, oesophagus, diaphragm, liver and upper abdomen, and the table under the patient. The
+tumours are painted into that map afterwards (:mod:`cmedl.phantom.tumours`); nothing here depends on the
+modality.
 
 Grid: at a 512 matrix the in-plane spacing is 0.6-1.0 mm, chosen so that the 307-512 mm field of view
 fits the drawn patient, and the slice thickness is drawn among 2-5 mm. A smaller ``size`` keeps the field
@@ -34,36 +16,15 @@ left, y posterior, z superior), identity direction, field of view centred on x =
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
-
-from cmedl.errors import ConfigError
-from cmedl.memory import available_ram_bytes, describe_bytes
-from cmedl.volumes import OutputSet, atomic_output, write_labelmap, write_volume
 
 REFERENCE_MATRIX = 512
 IN_PLANE_SPACING_MM = (0.6, 1.0)  # drawn range at the reference matrix
 SLICE_THICKNESSES_MM = (2.0, 2.5, 3.0, 4.0, 5.0)
 MAX_SLICES = 200
-MIN_SIZE = 32
-MAX_SIZE = 4096  # eight times the reference matrix
-# Peak memory per voxel while one case is built, rendered and written (about 10 bytes measured at 64 and 256).
-PEAK_BYTES_PER_VOXEL = 16
-TUMOUR_DIAMETER_MM = (14.0, 55.0)  # drawn range; clipping by bone keeps measured diameters within 1-6 cm
-LOCATIONS = ("mediastinum", "chest_wall", "parenchyma")
-LOCATION_ODDS = (0.35, 0.25, 0.40)
-CT_TUMOUR_CONTRAST_LIMIT_HU = 200.0  # |ct_tumour_contrast| allowed; beyond it the tumour is no longer soft tissue
-_CHUNK_SLICES = 8  # rendering works on slabs so temporaries stay small and reused
 
 
 class Tissue(IntEnum):
@@ -90,465 +51,6 @@ class Tissue(IntEnum):
     DIAPHRAGM = 18
 
 
-# What a lung borders, for tumour sites: the only fat next to a lung is epicardial, so it counts as
-# mediastinum; the diaphragm is neither mediastinum nor chest wall.
-MEDIASTINAL_TISSUES = (Tissue.MEDIASTINUM, Tissue.MYOCARDIUM, Tissue.BLOOD, Tissue.FAT)
-CHEST_WALL_TISSUES = (Tissue.MUSCLE, Tissue.CORTICAL_BONE, Tissue.MARROW, Tissue.CARTILAGE)
-LUNG_FIELD_TISSUES = (Tissue.LUNG, Tissue.LUNG_VESSEL, Tissue.AIRWAY, Tissue.AIRWAY_WALL)
-
-# Per tissue: (CT mean HU, CT texture HU, MR mean, MR texture as a fraction of the mean). Means get a
-# per-case jitter; soft tissues of the mediastinum share one drawn level so the tumour contrast is controlled.
-_APPEARANCE = {
-    Tissue.AIR: (-1000.0, 0.0, 0.0, 0.0),
-    Tissue.FAT: (-100.0, 8.0, 500.0, 0.05),
-    Tissue.MUSCLE: (48.0, 4.0, 165.0, 0.05),
-    Tissue.CORTICAL_BONE: (900.0, 120.0, 15.0, 0.2),
-    Tissue.MARROW: (280.0, 60.0, 400.0, 0.1),
-    Tissue.CARTILAGE: (120.0, 20.0, 220.0, 0.08),
-    Tissue.LUNG: (-850.0, 35.0, 28.0, 0.3),
-    Tissue.LUNG_VESSEL: (40.0, 3.0, 18.0, 0.1),
-    Tissue.AIRWAY: (-990.0, 5.0, 5.0, 0.0),
-    Tissue.AIRWAY_WALL: (50.0, 5.0, 120.0, 0.05),
-    Tissue.MYOCARDIUM: (46.0, 3.0, 150.0, 0.05),
-    Tissue.BLOOD: (40.0, 2.0, 50.0, 0.15),
-    Tissue.MEDIASTINUM: (45.0, 4.0, 290.0, 0.06),
-    Tissue.LIVER: (58.0, 4.0, 175.0, 0.05),
-    Tissue.ABDOMEN: (42.0, 6.0, 340.0, 0.06),
-    Tissue.SPINAL_CANAL: (15.0, 3.0, 880.0, 0.03),
-    Tissue.TABLE: (60.0, 0.0, 0.0, 0.0),
-    Tissue.TUMOUR: (39.0, 6.0, 660.0, 0.1),
-    Tissue.DIAPHRAGM: (48.0, 4.0, 165.0, 0.05),
-}
-
-
-@dataclass
-class PhantomCase:
-    """One synthetic chest volume with its tumour ground truth.
-
-    Attributes:
-        image: CT as int16 HU, or MR as float32 arbitrary units; size (x, y, z) = (size, size, slices).
-        label: uint8 {0, 1} tumour mask on the image's grid.
-        tumours: per tumour ``centre_mm`` (physical x, y, z of the painted voxels' centroid),
-            ``diameter_mm`` (diameter of the sphere with the painted volume), ``location``
-            ("mediastinum", "chest_wall" or "parenchyma") and ``volume_ml``.
-        tissues: uint8 :class:`Tissue` codes on the image's grid (the anatomy before rendering).
-        instances: uint8 map on the image's grid where tumour ``id`` k (1-based, in painting order, the
-            ``"id"`` of its entry in ``tumours``) has the value k and everything else 0.
-    """
-
-    image: sitk.Image
-    label: sitk.Image
-    tumours: list[dict]
-    tissues: sitk.Image | None = None
-    instances: sitk.Image | None = None
-
-
-def size_problem(size: int, slices: int | None = None, name: str = "phantom size") -> str:
-    """Why a ``size`` x ``size`` phantom cannot be made here (one line starting with ``name``), or ``""``.
-
-    Checked before anything is allocated: the range :data:`MIN_SIZE`..:data:`MAX_SIZE` and the memory one case
-    needs (``size`` squared times ``slices``, at most :data:`MAX_SLICES`, times :data:`PEAK_BYTES_PER_VOXEL`)
-    against the memory free now.
-    """
-    if size < MIN_SIZE:
-        return f"{name} must be at least {MIN_SIZE}, got {size}"
-    if size > MAX_SIZE:
-        return f"{name} must be at most {MAX_SIZE}, got {size}"
-    needed = size * size * (slices or MAX_SLICES) * PEAK_BYTES_PER_VOXEL
-    free = available_ram_bytes()
-    if free is not None and needed > free:
-        return (
-            f"{name} {size} needs about {describe_bytes(needed)} of memory per case, more than the "
-            f"{describe_bytes(free)} free; choose a smaller size"
-        )
-    return ""
-
-
-def make_phantom(
-    modality: str,
-    seed: int,
-    size: int = 512,
-    slices: int | None = None,
-    spacing: tuple[float, float, float] | None = None,
-    *,
-    ct_tumour_contrast: float | None = None,
-    tumour_locations: Sequence[str] | None = None,
-) -> PhantomCase:
-    """Generate one phantom chest volume.
-
-    Args:
-        modality: "ct" or "mr" ("mri" is accepted).
-        seed: any non-negative integer; the same arguments give bit-identical arrays.
-        size: in-plane matrix (size x size voxels); below 512 the in-plane spacing is coarser than real.
-        slices: number of axial slices; default covers the lungs from apex to base with margins
-            (at most 200 slices); a different count keeps the chest centred.
-        spacing: (x, y, z) voxel spacing in mm, overriding the random draw.
-        ct_tumour_contrast: CT only: the tumour's mean HU minus the mediastinal soft-tissue level, exactly
-            (e.g. -15). The tissues a tumour abuts (blood, lung vessels, myocardium, muscle, diaphragm) are
-            then drawn within -2..+4 HU of that level so they stay apart from the tumour. None keeps the
-            default draw (tumour 3-9 HU below the level). MR ignores it.
-        tumour_locations: the sites of the tumours, one tumour per entry, among :data:`LOCATIONS`, instead
-            of a random count and sites; a tumour that does not fit even when retried smaller is left out.
-            The anatomy still does not depend on the modality.
-
-    Returns:
-        a :class:`PhantomCase`; arrays are ``(slices, size, size)`` in numpy order.
-    """
-    modality = _check_modality(modality)
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"phantom seed must be a non-negative integer, got {seed!r}")
-    problem = size_problem(size, slices)
-    if problem:
-        raise ConfigError(problem)
-    if slices is not None and slices < 1:
-        raise ConfigError(f"phantom slices must be at least 1, got {slices}")
-    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
-        raise ConfigError(f"phantom spacing must be three positive numbers in mm (x, y, z), got {spacing!r}")
-    ct_tumour_contrast = _check_contrast(ct_tumour_contrast)
-    locations = _check_locations(tumour_locations)
-
-    # The anatomy draws nothing that depends on the modality, so CT and MR of one seed share it; the
-    # CT-only contrast option acts in the CT render.
-    anatomy_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
-    chest = _ChestBuilder(anatomy_rng, int(size), slices, spacing, locations)
-    tissues, tumours = chest.build()
-    render_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1 if modality == "ct" else 2]))
-    if modality == "ct":
-        array = _render_ct(tissues, chest, render_rng, ct_tumour_contrast)
-    else:
-        array = _render_mr(tissues, chest, render_rng)
-    return PhantomCase(
-        image=_image_on(array, chest),
-        label=_image_on((tissues == Tissue.TUMOUR).astype(np.uint8), chest),
-        tumours=tumours,
-        tissues=_image_on(tissues, chest),
-        instances=_image_on(chest.instance_map(), chest),
-    )
-
-
-# Tissues that count as the soft tissue next to a tumour when its contrast is measured.
-CONTRAST_REFERENCE_TISSUES = (
-    Tissue.MEDIASTINUM, Tissue.MYOCARDIUM, Tissue.BLOOD, Tissue.MUSCLE, Tissue.DIAPHRAGM,
-    Tissue.LUNG_VESSEL, Tissue.AIRWAY_WALL, Tissue.LIVER, Tissue.ABDOMEN,
-)
-_REFERENCE_REACH_MM = 3.0  # how far out from a tumour its surroundings are sampled (at least 3 pixels)
-_MIN_MEASURED_VOXELS = 20  # fewer voxels than this give too noisy a mean to use
-
-
-def measure_tumour_contrast(image: sitk.Image, tissues: sitk.Image, instances: sitk.Image,
-                            modality: str) -> list[dict]:
-    """Measure each tumour's contrast against its surroundings on a rendered phantom image.
-
-    Per tumour ``id`` of ``instances`` (see :attr:`PhantomCase.instances`), slice by slice (slices are
-    thick, so everything is in-plane):
-
-    * interior: the tumour's voxels at least 2 pixels inside its border, or all of them when fewer than 20
-      remain;
-    * reference: voxels 2 pixels to 3 mm (at least 3 pixels) outside the tumour whose tissue is one of
-      :data:`CONTRAST_REFERENCE_TISSUES`, skipping those within the partial-volume blur of any other
-      tissue (lung, fat, bone). When fewer than 20 are left, the tumour is surrounded by lung and the
-      adjacent lung voxels are the reference instead.
-
-    Returns one dict per tumour, by id: ``id``, ``reference`` ("soft_tissue" or "lung"), ``contrast``
-    (mean interior minus mean reference), ``noise`` (standard deviation of the reference) and ``cnr``
-    (contrast / noise), rounded to 3 decimals; HU for CT, arbitrary units for MR. A value that cannot be
-    measured (no reference voxels at all) is None.
-    """
-    _check_modality(modality)
-    values = sitk.GetArrayViewFromImage(image)
-    codes = sitk.GetArrayViewFromImage(tissues)
-    ids = sitk.GetArrayViewFromImage(instances)
-    if not values.shape == codes.shape == ids.shape:
-        raise ConfigError(f"image, tissue map and instance map differ in size: {values.shape}, {codes.shape}, "
-                          f"{ids.shape}")
-    sx, sy, _ = image.GetSpacing()
-    pixel = max(sx, sy)
-    reach_mm = max(_REFERENCE_REACH_MM, 3 * pixel)
-    # A voxel this many pixels from another tissue is clear of the in-plane partial-volume blur.
-    rim = max(1, math.ceil(3 * _blur_sigma((sx, sy)) - 0.5))
-    margin = math.ceil(reach_mm / min(sx, sy)) + rim + 2
-    soft_tissue = _lut(CONTRAST_REFERENCE_TISSUES)
-    results = []
-    for number, found in enumerate(ndimage.find_objects(ids), start=1):
-        if found is None:
-            continue
-        rows = slice(max(found[1].start - margin, 0), found[1].stop + margin)
-        cols = slice(max(found[2].start - margin, 0), found[2].stop + margin)
-        box = (found[0], rows, cols)
-        tumour = ids[box] == number
-        box_values = values[box].astype(np.float64)
-        box_codes = codes[box]
-
-        interior = _tumour_interior(tumour)
-
-        distance = np.stack([ndimage.distance_transform_edt(~plane, sampling=(sy, sx)) if plane.any()
-                             else np.full(plane.shape, np.inf) for plane in tumour])
-        ring = (distance > 1.5 * pixel) & (distance <= reach_mm)  # beyond the tumour's own blurred rim
-        reference_name, reference = "soft_tissue", _clear_of_others(box_codes, soft_tissue, ring, rim)
-        if reference.sum() < _MIN_MEASURED_VOXELS:
-            reference_name, reference = "lung", _clear_of_others(box_codes, _LUNG_ONLY, ring, rim)
-            if reference.sum() < _MIN_MEASURED_VOXELS:
-                reference = ring & _LUNG_ONLY[box_codes]  # a lung full of vessels: take what there is
-        contrast = noise = cnr = None
-        if reference.any():
-            contrast = float(box_values[interior].mean() - box_values[reference].mean())
-            noise = float(box_values[reference].std())
-            cnr = contrast / noise if noise > 0 else None
-        results.append({
-            "id": number,
-            "reference": reference_name,
-            "contrast": None if contrast is None else round(contrast, 3),
-            "noise": None if noise is None else round(noise, 3),
-            "cnr": None if cnr is None else round(cnr, 3),
-        })
-    return results
-
-
-def _tumour_interior(tumour: np.ndarray) -> np.ndarray:
-    """The tumour's voxels 2 pixels in from its in-plane border, or 1 pixel when that leaves too few.
-
-    On coarse grids a 2-pixel erosion may leave almost nothing, and the border pixels are partial volume
-    with lung (tens of HU off on CT): a few voxels 1 pixel in are a better estimate than all of them,
-    which are used only when no voxel is 1 pixel in.
-    """
-    in_plane = np.ones((1, 3, 3), dtype=bool)
-    padded = np.pad(tumour, ((0, 0), (2, 2), (2, 2)))  # so the box edge does not count as tumour border
-    fallback = tumour
-    for depth in (2, 1):
-        interior = ndimage.binary_erosion(padded, in_plane, iterations=depth)[:, 2:-2, 2:-2]
-        if interior.sum() >= _MIN_MEASURED_VOXELS:
-            return interior
-        if interior.any() and fallback is tumour:
-            fallback = interior
-    return fallback
-
-
-def _clear_of_others(codes: np.ndarray, allowed: np.ndarray, ring: np.ndarray, rim: int) -> np.ndarray:
-    """Ring voxels of an ``allowed`` tissue at least ``rim + 1`` pixels in-plane from any tissue that is neither
-    allowed nor tumour (whose values would leak in through the partial-volume blur)."""
-    wanted = allowed[codes]
-    others = ~(wanted | (codes == Tissue.TUMOUR))
-    near_others = ndimage.binary_dilation(others, np.ones((1, 3, 3), dtype=bool), iterations=rim)
-    return ring & wanted & ~near_others
-
-
-def case_seed(seed: int, modality: str, index: int) -> int:
-    """The seed of case ``index`` of ``modality`` in a dataset drawn with ``seed``.
-
-    Seeds come from a ``SeedSequence`` keyed by (seed, modality, index), so CT case i and MR case i are
-    independent anatomies.
-    """
-    key = 0 if _check_modality(modality) == "ct" else 1
-    words = np.random.SeedSequence([int(seed), key, int(index)]).generate_state(2, np.uint32)
-    return int(words[0]) << 31 | int(words[1]) >> 1
-
-
-# Columns of ``tumours.csv``: one row per tumour of a dataset; measured values are empty where not measured.
-TUMOUR_TABLE_COLUMNS = (
-    "case", "modality", "tumour_id", "stratum", "volume_ml", "diameter_mm", "centre_x_mm", "centre_y_mm",
-    "centre_z_mm", "ct_contrast_hu", "ct_noise_hu", "ct_cnr", "ct_reference", "mr_contrast", "mr_noise",
-    "mr_cnr", "mr_reference",
-)
-
-
-def write_phantom_dataset(
-    out: str | Path,
-    n_ct: int,
-    n_mr: int,
-    seed: int,
-    size: int = 512,
-    progress: Callable[[int, int], None] | None = None,
-    *,
-    ct_tumour_contrast: float | None = None,
-    stratified: bool = False,
-    paired_mr: bool = False,
-) -> dict:
-    """Write an unpaired CT/MR phantom dataset and return its description.
-
-    Layout: ``out/ct/images/ct_0000.nii.gz`` with its label ``out/ct/labels/ct_0000.nii.gz`` and its
-    tumour instance map ``out/ct/instances/ct_0000.nii.gz`` (uint8, tumour k = k), the same images and
-    labels under ``out/mr/`` with ``mr_0000``, ``out/phantoms.json`` (the returned dict: per case its
-    name, modality, seed, requested tumour sites, relative file paths, size, spacing, origin and tumours)
-    and ``out/tumours.csv`` (one row per tumour, :data:`TUMOUR_TABLE_COLUMNS`). Every file is written
-    under a temporary name and verified; a case's files are renamed together only once the whole case
-    is written, so a failed write (exit 6) leaves complete cases only. ``progress(done, total)`` is called
-    after each case.
-
-    Each tumour is measured with :func:`measure_tumour_contrast` on its case's image: ``ct_contrast_hu``,
-    ``ct_noise_hu``, ``ct_cnr``, ``ct_reference`` for CT cases and ``mr_contrast``, ``mr_noise``,
-    ``mr_cnr``, ``mr_reference`` where the MR of that anatomy is rendered; unmeasured values are None.
-
-    Args:
-        ct_tumour_contrast: the CT tumours' contrast to mediastinal soft tissue in HU (see
-            :func:`make_phantom`), within -200..200; None keeps the default 3-9 HU below it.
-        stratified: case i of each modality gets two tumours, at ``LOCATIONS[i % 3]`` and
-            ``LOCATIONS[(i + 1) % 3]``, so every three cases hold each site twice.
-        paired_mr: also write ``out/ct/paired_mr/ct_0000.nii.gz``, the MR of each CT case's anatomy on
-            the CT's grid, and measure its tumours. The CT and MR sets stay unpaired (``"paired"`` is
-            False); the paired MR is an extra, for experiments that need a perfect translation to compare
-            with.
-    """
-    if n_ct < 0 or n_mr < 0:
-        raise ConfigError(f"phantom case counts must not be negative (got {n_ct} CT, {n_mr} MR)")
-    if seed < 0:
-        raise ConfigError(f"phantom seed must be a non-negative integer, got {seed!r}")
-    problem = size_problem(size)
-    if problem:
-        raise ConfigError(problem)
-    ct_tumour_contrast = _check_contrast(ct_tumour_contrast)
-    out = Path(out)
-    total = n_ct + n_mr
-    cases = []
-    for modality, count in (("ct", n_ct), ("mr", n_mr)):
-        for index in range(count):
-            name = f"{modality}_{index:04d}"
-            seed_of_case = case_seed(seed, modality, index)
-            locations = [LOCATIONS[index % 3], LOCATIONS[(index + 1) % 3]] if stratified else None
-            case = make_phantom(modality, seed_of_case, size=size, ct_tumour_contrast=ct_tumour_contrast,
-                                tumour_locations=locations)
-            image_path = Path(modality) / "images" / f"{name}.nii.gz"
-            label_path = Path(modality) / "labels" / f"{name}.nii.gz"
-            entry = {
-                "name": name,
-                "modality": modality,
-                "seed": seed_of_case,
-                "tumour_locations": locations,
-                "image": image_path.as_posix(),
-                "label": label_path.as_posix(),
-            }
-            # A case's files appear together once all are written and verified: a failure (a full disk)
-            # leaves the earlier, complete cases and nothing of this one under final names.
-            with OutputSet():
-                write_volume(case.image, out / image_path)
-                write_labelmap(case.label, out / label_path)
-                measured = {modality: measure_tumour_contrast(case.image, case.tissues, case.instances, modality)}
-                if modality == "ct":
-                    instances_path = Path("ct") / "instances" / f"{name}.nii.gz"
-                    write_labelmap(case.instances, out / instances_path)  # a plain uint8 cast: ids are kept
-                    entry["instances"] = instances_path.as_posix()
-                    if paired_mr:
-                        mr = make_phantom("mr", seed_of_case, size=size, tumour_locations=locations)
-                        _check_same_anatomy(case, mr, name)
-                        paired_path = Path("ct") / "paired_mr" / f"{name}.nii.gz"
-                        write_volume(mr.image, out / paired_path)
-                        entry["paired_mr"] = paired_path.as_posix()
-                        measured["mr"] = measure_tumour_contrast(mr.image, mr.tissues, mr.instances, "mr")
-            entry.update({
-                "size": list(case.image.GetSize()),
-                "spacing_mm": [round(value, 6) for value in case.image.GetSpacing()],
-                "origin_mm": [round(value, 6) for value in case.image.GetOrigin()],
-                "tumours": [{**tumour, **_measured_columns(measured, tumour["id"])} for tumour in case.tumours],
-            })
-            cases.append(entry)
-            if progress is not None:
-                progress(len(cases), total)
-    description = {
-        "generator": "cmedl.phantom",
-        "seed": int(seed),
-        "size": int(size),
-        "n_ct": int(n_ct),
-        "n_mr": int(n_mr),
-        "paired": False,
-        "paired_mr": bool(paired_mr),
-        "stratified": bool(stratified),
-        "ct_tumour_contrast": ct_tumour_contrast,
-        "cases": cases,
-    }
-    with OutputSet():  # the table and the description name the same cases: both or neither
-        with atomic_output(out / "tumours.csv") as temp:
-            temp.write_text(_tumour_table(cases), encoding="utf-8")
-        with atomic_output(out / "phantoms.json") as temp:
-            temp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    return description
-
-
-def _check_same_anatomy(ct: PhantomCase, mr: PhantomCase, name: str) -> None:
-    """The paired MR must be the CT's anatomy on the CT's grid, or it is no pair at all."""
-    same_grid = (ct.image.GetSize() == mr.image.GetSize() and ct.image.GetSpacing() == mr.image.GetSpacing()
-                 and ct.image.GetOrigin() == mr.image.GetOrigin())
-    if not same_grid or not np.array_equal(sitk.GetArrayViewFromImage(ct.tissues),
-                                           sitk.GetArrayViewFromImage(mr.tissues)):
-        raise RuntimeError(f"the paired MR of {name} does not share the CT's grid and anatomy")
-
-
-def _measured_columns(measured: dict[str, list[dict]], tumour_id: int) -> dict:
-    """A tumour's measured contrast columns; None for a modality that was not rendered."""
-    columns = {}
-    for modality, unit in (("ct", "_hu"), ("mr", "")):
-        found = next((row for row in measured.get(modality) or [] if row["id"] == tumour_id), {})
-        columns[f"{modality}_contrast{unit}"] = found.get("contrast")
-        columns[f"{modality}_noise{unit}"] = found.get("noise")
-        columns[f"{modality}_cnr"] = found.get("cnr")
-        columns[f"{modality}_reference"] = found.get("reference")
-    return columns
-
-
-def _tumour_table(cases: list[dict]) -> str:
-    """``tumours.csv`` text: one row per tumour, empty cells for values that were not measured."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(TUMOUR_TABLE_COLUMNS)
-    for case in cases:
-        for tumour in case["tumours"]:
-            row = {
-                "case": case["name"],
-                "modality": case["modality"],
-                "tumour_id": tumour["id"],
-                "stratum": tumour["location"],
-                "volume_ml": tumour["volume_ml"],
-                "diameter_mm": tumour["diameter_mm"],
-                "centre_x_mm": tumour["centre_mm"][0],
-                "centre_y_mm": tumour["centre_mm"][1],
-                "centre_z_mm": tumour["centre_mm"][2],
-                **{key: tumour.get(key) for key in TUMOUR_TABLE_COLUMNS[9:]},
-            }
-            writer.writerow(["" if row[column] is None else row[column] for column in TUMOUR_TABLE_COLUMNS])
-    return buffer.getvalue()
-
-
-def _check_contrast(contrast: float | None) -> float | None:
-    if contrast is None:
-        return None
-    try:
-        value = float(contrast)
-    except (TypeError, ValueError):
-        raise ConfigError(f"CT tumour contrast must be a number of HU, got {contrast!r}") from None
-    if not math.isfinite(value) or abs(value) > CT_TUMOUR_CONTRAST_LIMIT_HU:
-        limit = CT_TUMOUR_CONTRAST_LIMIT_HU
-        raise ConfigError(f"CT tumour contrast must be within -{limit:g}..{limit:g} HU, got {contrast!r}")
-    return value
-
-
-def _check_locations(locations: Sequence[str] | None) -> tuple[str, ...] | None:
-    if locations is None:
-        return None
-    if isinstance(locations, str):  # a bare string would be read as a list of letters
-        raise ConfigError(f"tumour locations must be a list of sites, got the string {locations!r}")
-    chosen = tuple(locations)
-    if not chosen:
-        raise ConfigError("tumour locations must name at least one site")
-    for location in chosen:
-        if location not in LOCATIONS:
-            raise ConfigError(f"unknown tumour location {location!r}; use one of {', '.join(LOCATIONS)}")
-    return chosen
-
-
-def _check_modality(modality: str) -> str:
-    name = str(modality).strip().lower()
-    if name in ("mri", "mr"):
-        return "mr"
-    if name == "ct":
-        return "ct"
-    raise ConfigError(f"unknown phantom modality {modality!r}; use 'ct' or 'mr'")
-
-
-def _image_on(array: np.ndarray, chest: _ChestBuilder) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(chest.spacing)
-    image.SetOrigin(chest.origin)
-    return image
-
-
 def _lut(tissues: tuple[Tissue, ...] | list[Tissue]) -> np.ndarray:
     """A boolean lookup table over tissue codes, for fast ``lut[tissue_map]`` membership masks."""
     table = np.zeros(256, dtype=bool)
@@ -559,10 +61,6 @@ def _lut(tissues: tuple[Tissue, ...] | list[Tissue]) -> np.ndarray:
 _HARD_OR_OUTSIDE = (Tissue.AIR, Tissue.TABLE, Tissue.CORTICAL_BONE, Tissue.MARROW, Tissue.SPINAL_CANAL)
 _SOFT_TISSUE_OR_LUNG = _lut([t for t in Tissue if t not in (*_HARD_OR_OUTSIDE, Tissue.CARTILAGE)])
 _LUNG_ONLY = _lut([Tissue.LUNG])
-_MEDIASTINAL = _lut(MEDIASTINAL_TISSUES)
-_CHEST_WALL = _lut(CHEST_WALL_TISSUES)
-_LUNG_FIELD = _lut(LUNG_FIELD_TISSUES)
-_TUMOUR_CAN_REPLACE = _lut([t for t in Tissue if t not in _HARD_OR_OUTSIDE])
 
 
 def _angle_from(theta: np.ndarray, direction: float) -> np.ndarray:
@@ -573,16 +71,16 @@ def _angle_from(theta: np.ndarray, direction: float) -> np.ndarray:
 class _ChestBuilder:
     """Draws one chest anatomy and paints it into a tissue map.
 
-    All lengths are physical millimetres; ``k`` scales the patient so a small field of view holds a small
-    patient instead of a clipped one.
+    The tumours are painted into the same map afterwards (:class:`cmedl.phantom.tumours._TumourPainter`),
+    drawing on the same ``rng`` after the anatomy. All lengths are physical millimetres; ``k`` scales the
+    patient so a small field of view holds a small patient instead of a clipped one.
     """
 
-    def __init__(self, rng: np.random.Generator, size: int, slices: int | None,
-                 spacing: tuple[float, float, float] | None, tumour_locations: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self, rng: np.random.Generator, size: int, slices: int | None, spacing: tuple[float, float, float] | None
+    ) -> None:
         self.rng = rng
         self.size = size
-        self.tumour_locations = tumour_locations
-        self.tumour_masks: list[tuple[tuple[slice, slice, slice], np.ndarray]] = []  # in painting order
         # The patient comes first; the field of view is then chosen to fit them, as a technologist would.
         patient_a = float(rng.uniform(140.0, 178.0))
         fov_wanted = 2 * patient_a * float(rng.uniform(1.2, 1.5))
@@ -721,15 +219,14 @@ class _ChestBuilder:
 
     # -- build ------------------------------------------------------------------------------------------
 
-    def build(self) -> tuple[np.ndarray, list[dict]]:
-        """Paint the anatomy; returns the tissue map ``(z, y, x)`` uint8 and the tumour descriptions."""
+    def build(self) -> np.ndarray:
+        """Paint the anatomy; returns the tissue map ``(z, y, x)`` uint8 (``self.tissues``, without tumours)."""
         self._paint_slices()
         self._paint_heart()
         self._paint_great_vessels()
         self._paint_central_airways()
         self._paint_lung_trees()
-        tumours = self._paint_tumours()
-        return self.tissues, tumours
+        return self.tissues
 
     def _paint_slices(self) -> None:
         """Body, wall layers, ribs, sternum, spine, lungs, diaphragm and upper abdomen, slice by slice.
@@ -942,11 +439,13 @@ class _ChestBuilder:
         self.heart_axes = np.array([rng.uniform(52, 64), rng.uniform(40, 48), rng.uniform(42, 52)]) * k
         # The long axis points to the patient's left, forwards and down; the heart rests on the left dome.
         self.heart_angle = -float(rng.uniform(0.45, 0.8))
-        self.heart_centre = np.array([
-            self.xm + float(rng.uniform(14, 26)) * k,
-            self.yc - self.b0 * float(rng.uniform(0.12, 0.22)),
-            self.z_base + self.dome_left * 0.5 + 0.65 * self.heart_axes[2],
-        ])
+        self.heart_centre = np.array(
+            [
+                self.xm + float(rng.uniform(14, 26)) * k,
+                self.yc - self.b0 * float(rng.uniform(0.12, 0.22)),
+                self.z_base + self.dome_left * 0.5 + 0.65 * self.heart_axes[2],
+            ]
+        )
         fat = float(rng.uniform(2.0, 5.0)) * k
         wall = float(rng.uniform(8.0, 12.0)) * k
         centre, axes, angle = self.heart_centre, self.heart_axes, self.heart_angle
@@ -981,8 +480,9 @@ class _ChestBuilder:
         ascending_r = float(rng.uniform(13.0, 16.0)) * k
         descending_r = float(rng.uniform(10.0, 12.5)) * k
         ascending_xy = np.array([self.xm - float(rng.uniform(2, 10)) * k, self.yc - self.b0 * 0.2])
-        descending_xy = np.array([self.xm + self.vertebra_radius * 0.7 + descending_r * 0.9,
-                                  vertebra_y - self.vertebra_radius * 0.2])
+        descending_xy = np.array(
+            [self.xm + self.vertebra_radius * 0.7 + descending_r * 0.9, vertebra_y - self.vertebra_radius * 0.2]
+        )
         arch = [np.array([*ascending_xy, self.heart_centre[2]]), np.array([*ascending_xy, arch_z])]
         for t in np.linspace(0.2, 1.0, 5):  # the arch climbs and bends back to the left
             xy = ascending_xy + (descending_xy - ascending_xy) * t
@@ -1018,12 +518,16 @@ class _ChestBuilder:
             self._vessel([self.vein_roots[side], left_atrium], [vein_r, vein_r])
 
         # Oesophagus, between the trachea and the spine.
-        self.trachea_xy = np.array([self.xm + float(rng.uniform(-3, 3)) * k,
-                                    self.vertebra_y(self.z_of(0.8)) - self.vertebra_radius - 22 * k])
+        self.trachea_xy = np.array(
+            [self.xm + float(rng.uniform(-3, 3)) * k, self.vertebra_y(self.z_of(0.8)) - self.vertebra_radius - 22 * k]
+        )
         oesophagus_r = float(rng.uniform(7.0, 9.0)) * k
         oesophagus_xy = [self.xm + 8 * k, self.trachea_xy[1] + 14 * k]
-        self._vessel([[*oesophagus_xy, top], [*oesophagus_xy, self.z_base - 20 * k]], [oesophagus_r] * 2,
-                     tissue=Tissue.MEDIASTINUM)
+        self._vessel(
+            [[*oesophagus_xy, top], [*oesophagus_xy, self.z_base - 20 * k]],
+            [oesophagus_r] * 2,
+            tissue=Tissue.MEDIASTINUM,
+        )
 
     def _airway(self, p0, p1, r0: float, r1: float, wall: float, onto_wall: np.ndarray) -> None:
         self.tube(p0, p1, r0 + wall, r1 + wall, Tissue.AIRWAY_WALL, onto_wall)
@@ -1035,8 +539,14 @@ class _ChestBuilder:
         carina = np.array([*self.trachea_xy, self.z_of(float(rng.uniform(0.64, 0.7)))])
         trachea_r = float(rng.uniform(8.0, 10.5)) * k
         wall = 2.0 * k
-        self.tube([*self.trachea_xy, top], carina, trachea_r + wall + 3 * k, trachea_r + wall + 3 * k,
-                  Tissue.MEDIASTINUM, _LUNG_ONLY)
+        self.tube(
+            [*self.trachea_xy, top],
+            carina,
+            trachea_r + wall + 3 * k,
+            trachea_r + wall + 3 * k,
+            Tissue.MEDIASTINUM,
+            _LUNG_ONLY,
+        )
         self._airway([*self.trachea_xy, top], carina, trachea_r, trachea_r, wall, _SOFT_TISSUE_OR_LUNG)
         self.bronchus_start = {}
         for side in (-1, 1):
@@ -1129,8 +639,7 @@ class _ChestBuilder:
         inside = np.sum((grid * np.asarray(self.spacing)) ** 2, axis=1) <= radius**2
         return grid[inside]
 
-    def _grow(self, start: np.ndarray, targets: np.ndarray, radius: float, generation: int,
-              segments: list) -> None:
+    def _grow(self, start: np.ndarray, targets: np.ndarray, radius: float, generation: int, segments: list) -> None:
         """Split the targets in two along their widest direction and branch towards each half."""
         rng = self.rng
         if len(targets) <= 2 or radius < 1.0 * self.k:
@@ -1145,313 +654,3 @@ class _ChestBuilder:
             end = start + (centre - start) * float(rng.uniform(0.4, 0.6)) + rng.normal(0, 3.0, size=3)
             segments.append((start, end, radius, 0.85 * radius, generation))
             self._grow(end, half, 0.78 * radius, generation + 1, segments)
-
-    # -- tumours --------------------------------------------------------------------------------------
-
-    def _paint_tumours(self) -> list[dict]:
-        """Place and paint the tumours; returns their descriptions measured on the painted voxels.
-
-        Without requested sites: 1-3 tumours at random sites. With them: one tumour per requested site.
-        """
-        rng = self.rng
-        if self.tumour_locations is None:
-            wanted = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
-            requests = [(str(rng.choice(LOCATIONS, p=LOCATION_ODDS)), float(rng.uniform(*TUMOUR_DIAMETER_MM)))
-                        for _ in range(wanted)]
-            fallback_sites = LOCATIONS
-        else:
-            requests = [(location, float(rng.uniform(*TUMOUR_DIAMETER_MM))) for location in self.tumour_locations]
-            fallback_sites = tuple(dict.fromkeys(self.tumour_locations))  # never a site that was not asked for
-        placed: list[tuple[np.ndarray, float]] = []
-        painted = [found for found in (self._place_tumour(*request, placed) for request in requests) if found]
-        # On an unusual grid none may fit: then the smallest tumour goes wherever it fits.
-        for location in fallback_sites:
-            if painted:
-                break
-            found = self._place_tumour(location, TUMOUR_DIAMETER_MM[0], placed)
-            painted += [found] if found else []
-        return [{"id": number, **tumour} for number, tumour in enumerate(painted, start=1)]
-
-    def instance_map(self) -> np.ndarray:
-        """uint8 ``(z, y, x)``: tumour k (1-based, painting order) as k where it is in the tissue map, else 0."""
-        instances = np.zeros(self.tissues.shape, dtype=np.uint8)
-        for number, (box, mask) in enumerate(self.tumour_masks, start=1):
-            instances[box][mask] = number  # a voxel painted twice belongs to the later tumour
-        for box, _ in self.tumour_masks:
-            instances[box][self.tissues[box] != Tissue.TUMOUR] = 0
-        return instances
-
-    def _place_tumour(self, location: str, diameter: float, placed: list) -> dict | None:
-        """Find a site, paint one tumour there and describe it; None when no site fits."""
-        centre = None
-        for attempt in range(12):
-            if attempt == 8:
-                diameter = max(TUMOUR_DIAMETER_MM[0], diameter * 0.6)  # a smaller one may still fit
-            centre = self._tumour_site(location, diameter / 2, placed)
-            if centre is not None:
-                break
-        if centre is None:
-            return None
-        placed.append((centre, diameter / 2))
-        box, mask = self._tumour_blob(centre, diameter / 2)
-        region = self.tissues[box]
-        mask &= _TUMOUR_CAN_REPLACE[region]
-        # Bone is never replaced; a sliver cut off beyond a rib would read as a second tumour, so drop it.
-        pieces, piece_count = ndimage.label(mask)
-        if piece_count > 1:
-            mask = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
-        if not mask.any():
-            return None
-        region[mask] = Tissue.TUMOUR
-        self.tumour_masks.append((box, mask))
-        return self._describe(box, mask, location)
-
-    def _tumour_site(self, location: str, radius: float, placed: list) -> np.ndarray | None:
-        """A centre for a tumour of ``radius`` mm at ``location``, chosen on one axial slice, or None."""
-        rng = self.rng
-        sz = self.spacing[2]
-        # Keep the whole tumour inside the covered slices, within the lungs' middle heights.
-        z_low = max(self.z_of(0.15), self.zs[0] + radius)
-        z_high = min(self.z_of(0.85), self.zs[-1] - radius)
-        candidates_z = np.flatnonzero((self.zs >= z_low) & (self.zs <= z_high))
-        if candidates_z.size == 0:
-            candidates_z = np.flatnonzero((self.zs >= self.z_of(0.1)) & (self.zs <= self.z_of(0.9)))
-            if candidates_z.size == 0:
-                return None
-        index = int(rng.choice(candidates_z))
-        tissue_slice = self.tissues[index]
-        field = _LUNG_FIELD[tissue_slice]
-        if not field.any():
-            return None
-        distance, nearest = ndimage.distance_transform_edt(field, sampling=self.spacing[1::-1], return_indices=True)
-        nearest_tissue = tissue_slice[nearest[0], nearest[1]]
-        if location == "parenchyma":
-            chosen = field & (distance > 1.35 * radius + 3.0)
-        else:
-            wanted = _MEDIASTINAL if location == "mediastinum" else _CHEST_WALL
-            chosen = field & (distance > 0.45 * radius) & (distance < 0.75 * radius) & wanted[nearest_tissue]
-        rows, cols = np.nonzero(chosen)
-        if rows.size == 0:
-            return None
-        gap = max(6.0, 2 * sz, 2 * self.spacing[0])
-        for pick in rng.permutation(rows.size)[:20]:
-            centre = np.array([self.xs[cols[pick]], self.ys[rows[pick]], self.zs[index]], dtype=np.float64)
-            if all(np.linalg.norm(centre - other) > 1.35 * (radius + other_r) + gap for other, other_r in placed):
-                return centre
-        return None
-
-    def _tumour_blob(self, centre: np.ndarray, radius: float) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-        """A lobulated blob of about the volume of a sphere of ``radius`` mm: a rough ellipsoid plus lobes.
-
-        Returns the voxel box (z, y, x slices) and the blob's boolean mask inside it. The blob is rescaled
-        once so that its voxel volume matches the requested sphere.
-        """
-        rng = self.rng
-        elongation = rng.uniform(0.85, 1.18, size=3)
-        elongation /= elongation.prod() ** (1 / 3)
-        rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
-        lobes = []
-        for _ in range(int(rng.integers(2, 5))):
-            direction = rng.normal(size=3)
-            lobes.append((direction / np.linalg.norm(direction) * rng.uniform(0.5, 0.7), rng.uniform(0.3, 0.5)))
-        roughness_seed = int(rng.integers(2**31))
-        reach = 1.75 * radius + max(self.spacing)
-        box = self.index_box(centre - reach, centre + reach)
-        x, y, z = self.box_coordinates(box)
-        dx, dy, dz = x - np.float32(centre[0]), y - np.float32(centre[1]), z - np.float32(centre[2])
-        u, v, w = (dx * np.float32(rotation[0, i]) + dy * np.float32(rotation[1, i]) + dz * np.float32(rotation[2, i])
-                   for i in range(3))
-        roughness = np.random.default_rng(roughness_seed).standard_normal(u.shape, dtype=np.float32)
-        sigma = [max(0.25 * radius / spacing, 0.5) for spacing in self.spacing[::-1]]
-        roughness = ndimage.gaussian_filter(roughness, sigma)
-        roughness *= 0.06 / max(float(roughness.std()), 1e-6)
-        np.clip(roughness, -0.15, 0.15, out=roughness)
-        boundary = (1 + roughness) ** 2
-        target_voxels = 4 / 3 * math.pi * radius**3 / float(np.prod(self.spacing))
-
-        def blob(scale: float) -> np.ndarray:
-            r = radius * scale
-            ellipsoid = (u / (r * elongation[0])) ** 2 + (v / (r * elongation[1])) ** 2 + (w / (r * elongation[2])) ** 2
-            inside = ellipsoid < boundary
-            for offset, lobe_radius in lobes:
-                lobe = (u - offset[0] * r) ** 2 + (v - offset[1] * r) ** 2 + (w - offset[2] * r) ** 2
-                inside |= lobe < (lobe_radius * r) ** 2
-            return inside
-
-        scale = (target_voxels / max(int(blob(1.0).sum()), 1)) ** (1 / 3)
-        return box, blob(float(np.clip(scale, 0.75, 1.15)))
-
-    def _describe(self, box, mask: np.ndarray, location: str) -> dict:
-        voxels = int(mask.sum())
-        volume_mm3 = voxels * float(np.prod(self.spacing))
-        zz, yy, xx = np.nonzero(mask)
-        centre = [float(self.xs[box[2]][xx].mean()), float(self.ys[box[1]][yy].mean()),
-                  float(self.zs[box[0]][zz].mean())]
-        return {
-            "centre_mm": [round(value, 2) for value in centre],
-            "diameter_mm": round((6 * volume_mm3 / math.pi) ** (1 / 3), 2),
-            "location": location,
-            "volume_ml": round(volume_mm3 / 1000, 3),
-        }
-
-
-# -- rendering ------------------------------------------------------------------------------------------
-
-
-def _appearance_tables(rng: np.random.Generator, modality: str,
-                       ct_tumour_contrast: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tissue mean and texture amplitude (256-entry lookup tables) with this case's jitter.
-
-    ``ct_tumour_contrast`` (CT only) sets the tumour's mean relative to the mediastinal level exactly.
-    """
-    means = np.zeros(256, dtype=np.float32)
-    textures = np.zeros(256, dtype=np.float32)
-    for tissue, (ct_mean, ct_texture, mr_mean, mr_texture) in _APPEARANCE.items():
-        if modality == "ct":
-            jitter = 0.0 if tissue in (Tissue.AIR, Tissue.AIRWAY) else float(rng.normal(0, 0.04 * abs(ct_mean) + 1))
-            means[tissue], textures[tissue] = ct_mean + jitter, ct_texture
-        else:
-            means[tissue] = mr_mean * float(rng.uniform(0.9, 1.1))
-            textures[tissue] = mr_texture * means[tissue]
-    if modality == "ct":
-        soft = float(rng.uniform(40.0, 50.0))
-        means[Tissue.MEDIASTINUM] = soft
-        if ct_tumour_contrast is None:
-            # The default low-contrast setting: mediastinal soft tissue 40-50 HU, the tumour 3-9 HU below it.
-            means[Tissue.MYOCARDIUM] = soft + float(rng.uniform(-2.0, 3.0))
-            means[Tissue.BLOOD] = soft - float(rng.uniform(0.0, 6.0))
-            means[Tissue.MUSCLE] = soft + float(rng.uniform(-3.0, 5.0))
-            means[Tissue.TUMOUR] = soft - float(rng.uniform(3.0, 9.0))
-        else:
-            # A set contrast: the tissues a tumour abuts stay within -2..+4 HU of the mediastinal level, so
-            # a tumour c HU below it (c < 0) is at least |c| - 2 HU from each of them.
-            means[Tissue.MYOCARDIUM] = soft + float(rng.uniform(-1.0, 3.0))
-            means[Tissue.BLOOD] = soft - float(rng.uniform(0.0, 2.0))
-            means[Tissue.MUSCLE] = soft + float(rng.uniform(0.0, 4.0))
-            means[Tissue.TUMOUR] = soft + ct_tumour_contrast
-        means[Tissue.LUNG_VESSEL] = means[Tissue.BLOOD]
-        means[Tissue.DIAPHRAGM] = means[Tissue.MUSCLE]
-    return means, textures
-
-
-class _SmoothField:
-    """A zero-mean, unit-variance random field correlated over about ``correlation_mm``, shape (z, y, x).
-
-    It is drawn on a coarse in-plane grid and upsampled bilinearly one slab at a time, which is far
-    cheaper than filtering a full-size volume.
-    """
-
-    def __init__(self, rng: np.random.Generator, shape: tuple[int, int, int], spacing, correlation_mm: float):
-        nz, ny, nx = shape
-        factor = max(1, int(round(correlation_mm / (2 * spacing[0]))))
-        coarse = rng.standard_normal((nz, ny // factor + 2, nx // factor + 2), dtype=np.float32)
-        coarse = ndimage.gaussian_filter(coarse, (correlation_mm / (2 * spacing[2]), 1.0, 1.0), mode="wrap")
-        coarse /= max(float(coarse.std()), 1e-6)
-        self.coarse = coarse
-        self.rows = _bilinear_taps(ny, coarse.shape[1], factor)
-        self.cols = _bilinear_taps(nx, coarse.shape[2], factor)
-
-    def slab(self, start: int, stop: int) -> np.ndarray:
-        """Slices ``start:stop`` of the full-size field, float32 ``(stop - start, y, x)``."""
-        (r0, r1, rw), (c0, c1, cw) = self.rows, self.cols
-        coarse = self.coarse[start:stop]
-        # Columns first, on the small array; the row gather then copies whole contiguous rows.
-        columns = coarse[:, :, c0] * (1 - cw) + coarse[:, :, c1] * cw
-        field = columns[:, r0, :]
-        field *= (1 - rw)[:, None]
-        field += columns[:, r1, :] * rw[:, None]
-        return field
-
-
-def _bilinear_taps(fine: int, coarse: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each fine index: the two coarse neighbours and the weight of the second (float32)."""
-    position = (np.arange(fine) + 0.5) / factor
-    lower = np.clip(np.floor(position).astype(np.intp), 0, coarse - 2)
-    return lower, lower + 1, (position - lower).astype(np.float32)
-
-
-_BLUR_TRUNCATE = 3.0
-
-
-def _gaussian_noise_gain(sigma_px: float) -> float:
-    """Standard deviation left in unit white noise after the in-plane partial-volume blur."""
-    impulse = np.zeros((1, 33, 33), dtype=np.float64)
-    impulse[0, 16, 16] = 1.0
-    kernel = ndimage.gaussian_filter(impulse, (0, sigma_px, sigma_px), truncate=_BLUR_TRUNCATE)
-    return float(np.sqrt(np.sum(kernel**2)))
-
-
-def _blur_sigma(spacing) -> float:
-    """In-plane partial-volume blur in pixels: about 0.6 mm of scanner blur, at least half a pixel."""
-    return max(0.5, 0.6 / spacing[0])
-
-
-def _render_ct(tissues: np.ndarray, chest: _ChestBuilder, rng: np.random.Generator,
-               ct_tumour_contrast: float | None = None) -> np.ndarray:
-    """CT in int16 HU from the tissue map ``(z, y, x)``.
-
-    Noise is added before the blur so that it comes out slightly correlated, as in reconstructed CT.
-    """
-    means, textures = _appearance_tables(rng, "ct", ct_tumour_contrast)
-    noise_sigma = float(rng.uniform(10.0, 25.0))
-    gravity = float(rng.uniform(20.0, 50.0))  # HU denser at the back of the lungs (dependent lung)
-    texture = _SmoothField(rng, tissues.shape, chest.spacing, 4.0)
-    gradient = (gravity * np.clip((chest.ys - chest.yc) / chest.b0, -1, 1)).astype(np.float32)[:, None]
-    blur = _blur_sigma(chest.spacing)
-    noise_scale = np.float32(noise_sigma / _gaussian_noise_gain(blur))
-    out = np.empty(tissues.shape, dtype=np.int16)
-    for start in range(0, tissues.shape[0], _CHUNK_SLICES):
-        codes = tissues[start : start + _CHUNK_SLICES]
-        values = means[codes]
-        values += textures[codes] * texture.slab(start, start + codes.shape[0])
-        values += (codes == Tissue.LUNG) * gradient
-        noise = rng.standard_normal(codes.shape, dtype=np.float32)
-        noise *= noise_scale
-        values += noise
-        ndimage.gaussian_filter(values, (0, blur, blur), output=noise, truncate=_BLUR_TRUNCATE)
-        np.rint(noise, out=noise)
-        np.clip(noise, -1024, 3071, out=noise)
-        out[start : start + codes.shape[0]] = noise
-    return out
-
-
-def _render_mr(tissues: np.ndarray, chest: _ChestBuilder, rng: np.random.Generator) -> np.ndarray:
-    """T2-weighted-like MR in float32 arbitrary units from the tissue map ``(z, y, x)``."""
-    means, textures = _appearance_tables(rng, "mr")
-    noise_sigma = np.float32(rng.uniform(10.0, 20.0))
-    texture = _SmoothField(rng, tissues.shape, chest.spacing, 5.0)
-    bias_xy, bias_z = _bias_field(rng, chest)
-    blur = _blur_sigma(chest.spacing)
-    out = np.empty(tissues.shape, dtype=np.float32)
-    for start in range(0, tissues.shape[0], _CHUNK_SLICES):
-        codes = tissues[start : start + _CHUNK_SLICES]
-        stop = start + codes.shape[0]
-        values = means[codes]
-        values += textures[codes] * texture.slab(start, stop)
-        np.maximum(values, 0, out=values)
-        signal = ndimage.gaussian_filter(values, (0, blur, blur), truncate=_BLUR_TRUNCATE)
-        signal *= bias_xy[None]
-        signal *= bias_z[start:stop, None, None]
-        # Rician: the magnitude of a complex signal with Gaussian noise in both channels.
-        rng.standard_normal(codes.shape, dtype=np.float32, out=values)
-        values *= noise_sigma
-        signal += values
-        rng.standard_normal(codes.shape, dtype=np.float32, out=values)
-        values *= noise_sigma
-        signal *= signal
-        values *= values
-        signal += values
-        np.sqrt(signal, out=out[start:stop])
-    return out
-
-
-def _bias_field(rng: np.random.Generator, chest: _ChestBuilder) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth multiplicative coil sensitivity, separable as (y, x) times z, within about 0.7-1.3."""
-    x = (chest.xs - chest.xc) / (1.2 * chest.a0)
-    y = (chest.ys - chest.yc) / (1.2 * chest.b0)
-    x2, y2 = np.meshgrid(x, y)
-    c = rng.uniform(-1, 1, size=5) * [0.12, 0.12, 0.1, 0.1, 0.06]
-    log_xy = c[0] * x2 + c[1] * y2 + c[2] * x2**2 + c[3] * y2**2 + c[4] * x2 * y2
-    z = (chest.zs - chest.zs.mean()) / max(float(np.ptp(chest.zs)) / 2, 1.0) if chest.nz > 1 else np.zeros(1)
-    log_z = rng.uniform(-0.1, 0.1) * z + rng.uniform(-0.05, 0.05) * z**2
-    return np.exp(np.clip(log_xy, -0.3, 0.3)).astype(np.float32), np.exp(log_z).astype(np.float32)
