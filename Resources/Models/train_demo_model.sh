@@ -4,8 +4,9 @@
 # CycleGAN translator with the contextual loss, MRI teacher, hint losses, the paper's loss weights.
 # Deviation from the paper: the contextual loss runs on a randomly initialised VGG16 unless VGG_WEIGHTS names a
 # saved ImageNet VGG16 state dict (the model card records which).
-# A GPU is needed in practice: the shipped model took 3.5 minutes on one H200 (bf16), while one of its 1200 CMEDL
-# steps takes minutes on a CPU core. Other hardware gives a comparable, not a bit-identical, model.
+# A GPU is needed in practice: the shipped model (2026-11-28) took 6 minutes on one H200 (bf16) beside three other
+# trainings (about 3.5 minutes alone), while one of its 1200 CMEDL steps takes minutes on a CPU core. Other
+# hardware gives a comparable, not a bit-identical, model.
 #
 # Usage: bash Resources/Models/train_demo_model.sh [WORK_DIR [DESTINATION]]
 #   DESTINATION defaults to WORK_DIR/cmedl-demo-unet.safetensors; give Resources/Models/cmedl-demo-unet.safetensors
