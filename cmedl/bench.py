@@ -8,10 +8,10 @@
    path (the network as trained, NCHW) and the fast path (BatchNorm folded, channels_last, native precision),
    measured alternately in one process (best of ``repeats``), so that a busy machine slows both alike; the
    achieved GFLOP/s and its fraction of the peak. Random weights: speed does not depend on them.
-3. **Whole CT**: the built-in model on a 512 x 512 x 150 phantom CT (``volume_slices``), in this process, per path (reference,
-   fast, fast with one tile per slice): seconds by stage (read, lungs, segment, write), the network-only
-   seconds of the same run (so that the pipeline's overhead is a ratio), and the peak resident memory of a
-   child ``cmedl segment`` per path.
+3. **Whole CT**: the built-in model on a 512 x 512 x 150 phantom CT (``volume_slices``), in this process, per
+   path (reference, fast, fast with one tile per slice): seconds by stage (read, lungs, segment, write), the
+   network-only seconds of the same run (so that the pipeline's overhead is a ratio), and the peak resident
+   memory of a child ``cmedl segment`` per path.
 
 :func:`run_benchmarks` prints a table and returns the figures as a dict (``cmedl bench --json``).
 ``benchmarks/inference_speed.py`` adds the real CTs and the lung detection before and after its rewrite.
