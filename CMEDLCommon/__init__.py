@@ -5,6 +5,7 @@
 - :mod:`.engine`: the interpreter that runs the engine's child processes (Slicer's ``PythonSlicer``).
 - :mod:`.dependencies`: the Python packages the engine needs, checked and installed after one confirmation.
 - :mod:`.stopping`: stopping a child process on timer ticks instead of waiting in the GUI thread.
+- :mod:`.widgets`: filling the panels' combo boxes (the engine's device list among them) and tables without Qt.
 
 Importing this package, or any module in it, imports the standard library only: Slicer loads the modules
 that use it before torch or any other package CMEDL needs is installed. The extension's top-level

@@ -29,10 +29,10 @@ from slicer.util import VTKObservationMixin
 from CMEDLCommon import ACKNOWLEDGEMENT, CITE_REQUEST
 from CMEDLCommon.dependencies import self_test_skip_reason
 from CMEDLCommon.settings import UserSettings
+from CMEDLCommon.widgets import fill_combo, fill_device_combo, fill_table
 from CMEDLSegmentLib import AUTO_KEY, DEVICE_KEY, HELP_TEXT, MODEL_KEY, SETTINGS_PREFIX
 
 WINDOW_TITLE = "CMEDL Segment"
-DEVICE_CHOICES = (("Auto", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu"))
 POLL_INTERVAL_MS = 200
 
 
@@ -59,7 +59,7 @@ class CMEDLSegmentParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
-    lungThreshold: Annotated[float, WithinRange(-900.0, 0.0)] = -300.0
+    lungThreshold: Annotated[float, WithinRange(-900.0, -10.0)] = -300.0
     roiMargin: Annotated[float, WithinRange(0.0, 100.0)] = 30.0
     probabilityThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     batchSize: Annotated[int, WithinRange(1, 64)] = 4
@@ -85,10 +85,7 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = CMEDLSegmentLogic.shared()
         # A module loaded after startup has not seen startupCompleted(): the session starts here then.
         self.logic.session.runner.listeners.append(self.onRunnerEvent)
-        for text, value in DEVICE_CHOICES:
-            self.ui.deviceSelector.addItem(text, value)
-        device = self.logic.settings.text(DEVICE_KEY, "auto")
-        self.ui.deviceSelector.setCurrentIndex(max(0, self.ui.deviceSelector.findData(device)))
+        fill_device_combo(self.ui.deviceSelector, self.logic.settings.text(DEVICE_KEY))
         self.ui.autoSegmentCheckBox.setChecked(self.logic.settings.flag(AUTO_KEY))
         self.ui.progressBar.setVisible(False)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *args: self.setParameterNode(None))
@@ -148,7 +145,6 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CMEDLSegmentLib.lesion_panel import LesionTable
         from CMEDLSegmentLib.runner import apply_button
         from CMEDLSegmentLib.segmentation_nodes import segment_choices
-        from CMEDLSegmentLib.widgets import fill_combo, fill_table
 
         output = self._parameterNode.outputSegmentation if self._parameterNode else None
         choices = [(name, segmentId) for segmentId, name in segment_choices(output)]
@@ -182,8 +178,6 @@ class CMEDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.settings.set_flag(AUTO_KEY, checked)
 
     def refreshModels(self, selectName: str | None = None) -> None:
-        from CMEDLSegmentLib.widgets import fill_combo
-
         models = self.logic.session.models
         models.refresh()
         selectName = models.entries[models.index_of(selectName or self.logic.settings.text(MODEL_KEY, "demo"))].name

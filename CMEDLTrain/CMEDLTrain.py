@@ -30,10 +30,10 @@ from CMEDLCommon import ACKNOWLEDGEMENT, CITE_REQUEST
 from CMEDLCommon.dependencies import self_test_skip_reason
 from CMEDLCommon.prompts import SlicerPrompts
 from CMEDLCommon.settings import UserSettings
+from CMEDLCommon.widgets import fill_combo, fill_device_combo
 from CMEDLTrainLib import HELP_TEXT
 
 WINDOW_TITLE = "CMEDL Train"
-DEVICE_CHOICES = (("Auto", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu"))
 POLL_INTERVAL_MS = 2000
 PREVIEW_WIDTH = 420
 # The folder fields (``<key>PathLineEdit``), and their QSettings keys: the data folders in DataFolders' order first.
@@ -65,8 +65,8 @@ class CMEDLTrainParameterNode:
     batchSize: Annotated[int, WithinRange(1, 512)] = 2
     patchSize: Annotated[int, WithinRange(32, 2048)] = 256
     spacingMm: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
-    lrSegmentor: Annotated[float, WithinRange(0.0, 1.0)] = 0.0002
-    lrTranslator: Annotated[float, WithinRange(0.0, 1.0)] = 0.0001
+    lrSegmentor: Annotated[float, WithinRange(0.000001, 1.0)] = 0.0002
+    lrTranslator: Annotated[float, WithinRange(0.000001, 1.0)] = 0.0001
     lambdaAdv: Annotated[float, WithinRange(0.0, 1000.0)] = 1.0
     lambdaCyc: Annotated[float, WithinRange(0.0, 1000.0)] = 10.0
     lambdaCx: Annotated[float, WithinRange(0.0, 1000.0)] = 1.0
@@ -112,10 +112,7 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self.onPoll)
         self.monitor = RunMonitor(slicer.mrmlScene, self._timer)
         self.monitor.suspend()  # until enter(): a panel built but not shown polls nothing
-        for text, value in DEVICE_CHOICES:
-            self.ui.deviceSelector.addItem(text, value)
-        device = self.settings.text("device", "auto")
-        self.ui.deviceSelector.setCurrentIndex(max(0, self.ui.deviceSelector.findData(device)))
+        fill_device_combo(self.ui.deviceSelector, self.settings.text("device"))
         self.ui.progressBar.setVisible(False)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -180,19 +177,19 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         """Combo boxes that are not bound (filled without their signals), the VGG note and the settings' check."""
+        from cmedl.training.choices import METHOD_CHOICES, SEGMENTOR_CHOICES
         from CMEDLTrainLib.parameters import vgg_note
-        from CMEDLTrainLib.settings import METHOD_CHOICES, SEGMENTORS
-        from CMEDLTrainLib.widgets import fill_combo
 
         node = self._parameterNode
         if node is None:
             return
         fill_combo(self.ui.methodSelector, list(METHOD_CHOICES), node.method)
-        fill_combo(self.ui.segmentorSelector, list(SEGMENTORS), node.segmentor)
+        fill_combo(self.ui.segmentorSelector, list(SEGMENTOR_CHOICES), node.segmentor)
         self.startFrom.show_in(self.ui.initModelSelector, node.initModel)
         cmedl = node.method == "cmedl"
         for widget in (self.ui.mrImagesPathLineEdit, self.ui.mrLabelsPathLineEdit, self.ui.lrTranslatorSpinBox,
-                       self.ui.lossWeightsCollapsibleButton, self.ui.vggWeightsPathLineEdit, self.ui.randomVggCheckBox):
+                       self.ui.lossWeightsCollapsibleButton, self.ui.vggWeightsPathLineEdit,
+                       self.ui.randomVggCheckBox):  # fmt: skip
             widget.enabled = cmedl
         self.ui.vggWeightsPathLineEdit.enabled = cmedl and not node.randomVgg
         self.ui.vggNoteLabel.text = vgg_note(node, self.ui.vggWeightsPathLineEdit.currentPath)
@@ -215,7 +212,7 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.segmentor = self.ui.segmentorSelector.currentData
 
     def onStartFromChanged(self, index: int) -> None:
-        """"Start from model": a listed model or none, or a run folder or model file chosen in a dialog now."""
+        """The "Start from model" list: a listed model or none, or a run folder or model file chosen in a dialog now."""
         runsRoot = self.ui.runsRootPathLineEdit.currentPath
         self.startFrom.choose(self._parameterNode, self.ui.initModelSelector.currentData, runsRoot)
         self._onParameterNodeModified()  # the list shows the node's choice again, also after a cancel or a refusal
@@ -248,14 +245,14 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openRunFolderButton.enabled = bool(self.monitor.run_path)
         parameters = self._parameterNode
         self.ui.addCaseButton.enabled = bool(parameters.exportVolume and parameters.exportSegmentation
-                                             and self.ui.addSegmentSelector.currentData and parameters.caseName.strip())
+                                             and self.ui.addSegmentSelector.currentData
+                                             and parameters.caseName.strip())  # fmt: skip
 
     def onCheckData(self) -> None:
         self.ui.dataSummaryTextEdit.setPlainText(self.actions.check_data(self._folders(), self._settings())[1])
 
     def onSegmentationChanged(self, node=None) -> None:
         from CMEDLTrainLib.dataset_export import segment_ids_and_names
-        from CMEDLTrainLib.widgets import fill_combo
 
         segments = segment_ids_and_names(self.ui.addSegmentationSelector.currentNode())
         fill_combo(self.ui.addSegmentSelector, [(name, segmentId) for segmentId, name in segments],
@@ -273,7 +270,8 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAddCase(self) -> None:
         parameters = self._parameterNode
         text = self.actions.add_case(slicer.mrmlScene, parameters.exportVolume, parameters.exportSegmentation,
-                                     self.ui.addSegmentSelector.currentData, self._folders(), parameters.caseName)
+                                     self.ui.addSegmentSelector.currentData, self._folders(),
+                                     parameters.caseName)  # fmt: skip
         if text:
             self.ui.dataSummaryTextEdit.setPlainText(text)
             parameters.caseName = ""
@@ -321,7 +319,7 @@ class CMEDLTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if look.show_chart:
             slicer.modules.plots.logic().ShowChartInLayout(look.chart.chart_node)
         if look.show_log or (snapshot is not None and not self.ui.detailsCollapsibleButton.collapsed):
-            from CMEDLTrainLib.runs import log_text
+            from cmedl.training.runs import log_text
 
             self.ui.logTextEdit.setPlainText(log_text(snapshot.path))
             self.ui.logTextEdit.moveCursor(qt.QTextCursor.End)

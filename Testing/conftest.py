@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -52,6 +53,23 @@ def shared_data(relative: str) -> Path:
     return path
 
 
+def parameter_node_values(module: str) -> tuple[dict, dict]:
+    """The defaults and the ``WithinRange`` bounds of the module file's parameter node, field by field, read from
+    its source (the module file itself imports only inside Slicer)."""
+    tree = ast.parse((PROJECT_ROOT / module / f"{module}.py").read_text(encoding="utf-8"))
+    defaults, ranges = {}, {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == f"{module}ParameterNode":
+            for statement in node.body:
+                if isinstance(statement, ast.AnnAssign) and statement.value is not None:
+                    name = statement.target.id
+                    defaults[name] = ast.literal_eval(statement.value)
+                    for call in ast.walk(statement.annotation):
+                        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "WithinRange":
+                            ranges[name] = tuple(ast.literal_eval(arg) for arg in call.args)
+    return defaults, ranges
+
+
 def run_cmedl(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m cmedl ARGS`` as a real child process of this interpreter."""
     env = dict(os.environ)
@@ -60,7 +78,7 @@ def run_cmedl(*args: str, timeout: float = 300, **kwargs) -> subprocess.Complete
         # The engine writes UTF-8 (e.g. "cm²"); decoding must not depend on the test machine's locale.
         [sys.executable, "-m", "cmedl", *args], capture_output=True, encoding="utf-8", errors="replace",
         timeout=timeout, env=env, **kwargs,
-    )
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +114,37 @@ def mrml() -> MRMLWorld:
     """A fresh headless MRML scene (skips when the slicer-core package is not installed)."""
     pytest.importorskip("slicer", reason="the slicer-core package is not installed")
     return MRMLWorld()
+
+
+class FakeCombo:
+    """What the panels' helpers use of a ``QComboBox``; filling it with its signals on fails the test."""
+
+    def __init__(self) -> None:
+        self.items, self.current, self.blocked, self.cleared = [], -1, False, 0
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def blockSignals(self, block: bool) -> bool:  # noqa: N802 -- Qt's name
+        was, self.blocked = self.blocked, block
+        return was
+
+    def itemText(self, index: int) -> str:  # noqa: N802 -- Qt's name
+        return self.items[index][0]
+
+    def itemData(self, index: int) -> str:  # noqa: N802 -- Qt's name
+        return self.items[index][1]
+
+    def clear(self) -> None:
+        self.items, self.cleared = [], self.cleared + 1
+
+    def addItem(self, text: str, data: str) -> None:  # noqa: N802 -- Qt's name
+        self.items.append((text, data))
+
+    def findData(self, data: str) -> int:  # noqa: N802 -- Qt's name
+        return next((index for index, item in enumerate(self.items) if item[1] == data), -1)
+
+    def setCurrentIndex(self, index: int) -> None:  # noqa: N802 -- Qt's name
+        assert self.blocked, "filled without its signals"
+        self.current = index

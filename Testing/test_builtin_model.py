@@ -22,8 +22,9 @@ def test_the_demo_model_loads_and_says_what_it_is_for() -> None:
 
 
 def test_the_demo_says_which_method_trained_its_model(tmp_path) -> None:
-    from cmedl.catalogue import builtin_model_path, peek_model_card
+    from cmedl.catalogue import builtin_model_path
     from cmedl.demo import demo_report, run_demo
+    from cmedl.filebase import peek_model_card
 
     summary = run_demo(tmp_path, seed=2026, device="cpu", size=128)
     card = peek_model_card(builtin_model_path())

@@ -16,7 +16,7 @@ import torch
 from conftest import PROJECT_ROOT, run_cmedl
 from safetensors.torch import save_file
 
-from cmedl import catalogue, modelfile
+from cmedl import catalogue, filebase, modelfile
 from cmedl.catalogue import (
     ModelEntry,
     add_model,
@@ -24,18 +24,18 @@ from cmedl.catalogue import (
     cache_dir,
     cached_model_path,
     card_summary,
-    clear_cache,
     cmedl_home,
-    download_model,
     list_models,
     load_catalogue,
-    peek_model_card,
     remove_model,
     resolve_model,
     user_models_dir,
 )
+from cmedl.downloads import clear_cache, download_model
 from cmedl.errors import CancelledError, ConfigError, InputError, ModelFileError
-from cmedl.modelfile import LabelInfo, ModelCard, read_model_card, save_model, save_translator
+from cmedl.filebase import peek_model_card
+from cmedl.modelcard import LabelInfo
+from cmedl.modelfile import ModelCard, read_model_card, save_model, save_translator
 from cmedl.nets import build_segmentor
 from cmedl.progress import CallbackProgress, Progress
 from cmedl.volumes import SegmentInfo
@@ -139,7 +139,7 @@ def test_peek_model_card_gives_what_read_model_card_reads(model_file):
     for path in (model_file, builtin_model_path()):
         expected = json.loads(json.dumps(read_model_card(path).to_dict()))
         assert peek_model_card(path) == expected
-    assert (catalogue.CARD_KEY, catalogue.FORMAT_KEY, catalogue.FORMAT_NAME) == (
+    assert (filebase.CARD_KEY, filebase.FORMAT_KEY, filebase.FORMAT_NAME) == (
         modelfile.CARD_KEY,
         modelfile.FORMAT_KEY,
         modelfile.FORMAT_NAME,

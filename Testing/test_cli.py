@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import PROJECT_ROOT, run_cmedl, shared_data
 
-from cmedl import __version__
+from cmedl import __version__, cli
 from cmedl.cli import build_parser, main, train_config_from_args
+from cmedl.errors import InputError
 from cmedl.volumes import read_volume, same_geometry
 
 
@@ -53,6 +55,24 @@ def test_the_console_script_is_the_command_line_process_as_python_dash_m_is() ->
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stderr
     assert "library False" in result.stdout and "console True 0" in result.stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback_and_no_error_line() -> None:
+    # `cmedl info demo | head -1`: writing to a pipe whose reader has gone raises BrokenPipeError.
+    probe = (
+        "import os, sys\n"
+        "from cmedl.cli import main\n"
+        "_, write_end = os.pipe()\n"
+        "class ClosedPipe:\n"
+        "    def write(self, text): raise BrokenPipeError(32, 'Broken pipe')\n"
+        "    def flush(self): pass\n"
+        "    def fileno(self): return write_end\n"
+        "sys.stdout = ClosedPipe()\n"
+        "code = main(['info', 'demo'])\n"
+        "sys.stderr.write(f'CODE {code}')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.stderr == "CODE 141", result.stderr
 
 
 def test_lungs_writes_masks_on_the_ct_grid_and_reports_json(tmp_path: Path) -> None:
@@ -131,3 +151,56 @@ def test_train_vgg_weights_flag_overrides_the_config_file_and_help_names_both_me
     assert exited.value.code == 0
     text = capsys.readouterr().out
     assert "cmedl" in text.replace("usage: cmedl", "") and "ct_only" in text and "--vgg-weights" in text
+
+
+def test_the_flags_defaults_and_choices_are_the_engines() -> None:
+    """The command line held its own copies of the device names (five of them), of SegmentOptions' defaults and
+    checks, and of the training methods and segmentors; it takes them from the engine."""
+    from cmedl.devices import DEVICES
+    from cmedl.segment_options import SegmentOptions
+    from cmedl.training.choices import METHODS, SEGMENTORS
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+
+    def choices(command: str, flag: str) -> tuple:
+        return tuple(next(action for action in commands[command]._actions if action.dest == flag).choices)
+
+    for command in ("segment", "translate", "train", "demo", "bench"):
+        assert choices(command, "device") == DEVICES, command
+    assert choices("train", "method") == METHODS and choices("train", "segmentor") == SEGMENTORS
+    assert cli._segment_options(parser.parse_args(["segment", "ct.nrrd", "-o", "out.nrrd"])) == SegmentOptions()
+    lungs = parser.parse_args(["lungs", "ct.nrrd"])
+    assert (lungs.threshold, lungs.margin) == (SegmentOptions().lung_threshold_hu, SegmentOptions().roi_margin_mm)
+    for flags in (["--threshold", "1.5"], ["--batch-size", "0"]):
+        args = parser.parse_args(["segment", "ct.nrrd", "-o", "out.nrrd", *flags])
+        with pytest.raises(InputError) as refused:
+            cli._segment_options(args)
+        with pytest.raises(InputError) as engine:
+            SegmentOptions(probability_threshold=args.threshold, batch_size=args.batch_size).validate()
+        assert str(refused.value) == str(engine.value)
+
+
+def test_runs_lists_a_folders_training_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``cmedl runs``: what CMEDL Train's runs list shows, from a shell."""
+    finished = tmp_path / "runs" / "cmedl-unet"
+    finished.mkdir(parents=True)
+    (finished / "config.json").write_text(json.dumps({"method": "cmedl", "epochs": 5}))
+    status = {"state": "finished", "epoch": 5, "epochs": 5, "best_validation_dice": 0.7123, "best_epoch": 4}
+    (finished / "status.json").write_text(json.dumps(status))
+    crashed = tmp_path / "runs" / "ct-only"
+    crashed.mkdir()
+    (crashed / "config.json").write_text(json.dumps({"method": "ct_only", "epochs": 10}))
+    (crashed / "status.json").write_text(json.dumps({"state": "running", "epoch": 2, "epochs": 10}))
+    (tmp_path / "runs" / "notes").mkdir()
+
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["RUN", "METHOD", "STATE", "EPOCH", "BEST", "VALIDATION", "DICE"] and len(lines) == 3
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows[str(finished)] == ["cmedl", "finished", "5/5", "0.712", "(epoch", "4)"]
+    assert rows[str(crashed)] == ["ct_only", "interrupted", "2/10"], "a run whose process is gone is not running"
+    assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
+    listed = {Path(run["run"]).name: run for run in json.loads(capsys.readouterr().out)["runs"]}
+    assert listed["cmedl-unet"]["best_validation_dice"] == 0.7123 and listed["ct-only"]["alive"] is False
+    assert main(["runs", str(tmp_path / "missing")]) == 3

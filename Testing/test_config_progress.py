@@ -9,13 +9,24 @@ import threading
 import pytest
 
 from cmedl.errors import CancelledError, ConfigError
-from cmedl.progress import CallbackProgress, JsonLinesProgress, TextProgress, parse_event
+from cmedl.progress import (
+    SEGMENT_STAGE_SPANS,
+    STAGE_LUNGS,
+    STAGE_READ,
+    STAGE_SEGMENT,
+    STAGE_WRITE,
+    CallbackProgress,
+    JsonLinesProgress,
+    TextProgress,
+    overall_fraction,
+    parse_event,
+)
 from cmedl.training.config import TrainConfig
 
 
 def test_overrides_are_typed_like_the_defaults() -> None:
     config = TrainConfig().with_overrides(
-        ["epochs=3", "spacing_mm=[1.5, 1.5]", "augment=false", "lr_segmentor=1e-3", "segmentor_options={\"a\": 1}"]
+        ["epochs=3", "spacing_mm=[1.5, 1.5]", "augment=false", "lr_segmentor=1e-3", 'segmentor_options={"a": 1}']
     )
     assert config.epochs == 3 and isinstance(config.epochs, int)
     assert config.spacing_mm == (1.5, 1.5)
@@ -93,3 +104,18 @@ def test_text_progress_draws_a_bar_and_ends_the_line() -> None:
     text = stream.getvalue()
     assert "[##########] 4/4 slices" in text
     assert text.endswith("\n")
+
+
+def test_a_segment_runs_stages_fill_one_bar_once() -> None:
+    """The stages ``cmedl segment`` reports and their shares of one bar are the engine's (CMEDL Segment kept a
+    copy of both); the shares follow each other from 0 to 1 in the order the stages come."""
+    spans = SEGMENT_STAGE_SPANS
+    assert list(spans) == [STAGE_READ, STAGE_LUNGS, STAGE_SEGMENT, STAGE_WRITE]
+    starts, ends = [start for start, _ in spans.values()], [end for _, end in spans.values()]
+    assert starts == [0.0, *ends[:-1]] and ends[-1] == 1.0
+    events = [{"event": "progress", "stage": stage, "done": done, "total": 4} for stage in spans for done in range(5)]
+    fractions = [overall_fraction(event) for event in events]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert overall_fraction({"event": "progress", "stage": STAGE_SEGMENT, "done": 2, "total": 4}) == pytest.approx(0.55)
+    assert overall_fraction(None) is None and overall_fraction({"event": "log", "message": "x"}) is None
+    assert overall_fraction({"event": "progress", "stage": "other", "done": 1, "total": 4}) == 0.25

@@ -15,9 +15,10 @@ from conftest import TINY_CMEDL
 from safetensors.torch import load_file
 
 from cmedl import cli
-from cmedl.catalogue import ModelEntry, builtin_model_path, peek_model_card
+from cmedl.catalogue import ModelEntry, builtin_model_path
 from cmedl.errors import ConfigError
-from cmedl.modelfile import ModelCard, file_sha256, read_model_card, save_model
+from cmedl.filebase import file_sha256, peek_model_card
+from cmedl.modelfile import ModelCard, read_model_card, save_model
 from cmedl.nets import build_segmentor
 from cmedl.progress import CallbackProgress
 from cmedl.training.config import TrainConfig

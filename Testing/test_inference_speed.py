@@ -295,11 +295,6 @@ def test_commands_without_a_network_do_not_import_torch(args: list[str]) -> None
     _assert_no_torch(args)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cmedl info counts parameters through cmedl.modelfile, which imports torch at the top (not this "
-    "change's files); the safetensors header holds the shapes, so the count needs no torch",
-)
 def test_info_does_not_import_torch() -> None:
     _assert_no_torch(["info"])
 

@@ -24,12 +24,10 @@ from cmedl.jobs import (
     child_environment,
     engine_command,
     engine_root,
-    process_alive,
-    process_create_time,
     start_detached,
     start_detached_command,
-    terminate_tree,
 )
+from cmedl.processes import process_alive, process_create_time, terminate_tree
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POSIX = os.name == "posix"

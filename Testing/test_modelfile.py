@@ -16,12 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cmedl.errors import ModelFileError, OutputError
+from cmedl.modelcard import LabelInfo, describe_model
 from cmedl.modelfile import (
     CARD_KEY,
     FORMAT_KEY,
-    LabelInfo,
     ModelCard,
-    describe_model,
     load_model,
     read_model_card,
     save_model,

@@ -18,8 +18,9 @@ import cmedl.batch
 from cmedl import __version__
 from cmedl.batch import PARTIAL_FAILURE_EXIT_CODE, is_batch_input, read_summary
 from cmedl.cli import main
+from cmedl.filebase import file_sha256
 from cmedl.lesions import read_lesions
-from cmedl.modelfile import ModelCard, file_sha256, load_model, save_model
+from cmedl.modelfile import ModelCard, load_model, save_model
 from cmedl.nets import build_segmentor
 from cmedl.phantom import make_phantom
 from cmedl.reference_models import write_threshold_model

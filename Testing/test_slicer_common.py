@@ -185,6 +185,25 @@ def test_importing_the_shared_package_imports_the_standard_library_only() -> Non
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+# -- filling the panels' widgets ---------------------------------------------------------------------------
+
+
+def test_both_panels_list_the_engines_devices() -> None:
+    """Each module file held its own copy of the device list; both fill their combo box from the engine now."""
+    from conftest import FakeCombo
+
+    from cmedl.devices import DEFAULT_DEVICE, DEVICE_CHOICES
+    from CMEDLCommon.widgets import fill_device_combo
+
+    combo = FakeCombo()
+    fill_device_combo(combo, "cpu")
+    assert combo.items == list(DEVICE_CHOICES) and combo.items[combo.current][1] == "cpu"
+    for stored in ("", "tpu"):  # never chosen, or a name the engine does not know (any more)
+        fill_device_combo(combo, stored)
+        assert combo.items[combo.current][1] == DEFAULT_DEVICE
+    assert combo.cleared == 1, "an unchanged list is not refilled"
+
+
 # -- stopping without waiting (defect 9) -----------------------------------------------------------------
 
 

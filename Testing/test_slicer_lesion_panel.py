@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import parameter_node_values
 
 from cmedl import cli
 from cmedl.catalogue import builtin_model_path
@@ -134,6 +135,21 @@ def test_the_panels_lesion_options_become_the_engines_arguments(tmp_path: Path) 
     options = cli._segment_options(args)
     assert not options.tta and options.min_lesion_ml == 0.0 and options.min_lesion_probability == 0.0
     assert args.lesions is None and args.probabilities is None and not plain.probabilities
+
+
+def test_the_panel_defaults_and_ranges_are_the_engines() -> None:
+    """The parameter node's defaults are SegmentOptions' (the module file cannot import the engine when Slicer
+    loads it, so they are checked here), and each end of a range the panel offers is a value the engine accepts."""
+    from cmedl.segment_options import SegmentOptions
+    from CMEDLSegmentLib.segment_logic import PANEL_FIELDS, SegmentationSettings
+
+    defaults, ranges = parameter_node_values("CMEDLSegment")
+    engine, settings = SegmentOptions(), SegmentationSettings(Path("m.safetensors"))
+    assert set(ranges) <= set(PANEL_FIELDS) <= set(defaults)
+    for parameter, field in PANEL_FIELDS.items():
+        assert defaults[parameter] == getattr(engine, field) == getattr(settings, field), parameter
+        for value in ranges.get(parameter, ()):
+            SegmentOptions(**{field: value}).validate()  # raises with the engine's reason
 
 
 def test_a_run_asks_the_child_for_the_lesion_table_and_the_map_only_when_shown(chest, monkeypatch, tmp_path) -> None:
@@ -388,8 +404,8 @@ class FakeTable:
 
 
 def test_the_table_is_filled_once_and_its_columns_are_the_ui_files() -> None:
+    from CMEDLCommon.widgets import fill_table
     from CMEDLSegmentLib.lesion_panel import COLUMNS
-    from CMEDLSegmentLib.widgets import fill_table
 
     tree = ElementTree.parse(ROOT / "CMEDLSegment" / "Resources" / "UI" / "CMEDLSegment.ui")
     table = next(widget for widget in tree.iter("widget") if widget.get("name") == "lesionTable")

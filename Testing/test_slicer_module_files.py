@@ -117,6 +117,48 @@ def test_ui_names_are_unique_and_the_top_widget_is_named_after_the_module(module
     assert tree.getroot().findtext("class") == module and names[0] == module
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_a_bound_number_widget_takes_its_range_from_the_parameter_node(module: str) -> None:
+    """Binding a spin box or slider (connectGui) sets its range from the parameter's WithinRange: a range in the
+    .ui file would be a second copy, overwritten. The parameter node's ranges are checked against the engine
+    (test_slicer_lesion_panel, test_slicer_train_runs)."""
+    fields = parameter_fields(module)
+    for name, widget in ui_widgets(module).items():
+        parameter = parameter_name(widget)
+        if parameter is None or WIDGET_TYPES.get(widget.get("class")) not in ("int", "float"):
+            continue
+        properties = {prop.get("name") for prop in widget.findall("property")}
+        assert not properties & {"minimum", "maximum"}, f"{name}: its range is {parameter}'s WithinRange"
+        assert "WithinRange(" in fields[parameter], f"{parameter} needs a WithinRange for {name}'s range"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_the_device_list_is_the_engines(module: str) -> None:
+    """Both module files held a copy of the device list; the panel fills its combo box from the engine now."""
+    assigned = {
+        target.id
+        for node in module_tree(module).body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    assert "DEVICE_CHOICES" not in assigned
+    assert "fill_device_combo" in method_calls(module, f"{module}Widget", "setup")
+
+
+def test_no_other_copy_of_the_device_names() -> None:
+    """cmedl.devices names the devices; a literal list of them elsewhere (the panels, their Libs, the command line,
+    the training configuration and launcher) would be a copy that can drift."""
+    from cmedl.devices import DEVICES
+
+    paths = [*ROOT.glob("CMEDL*/**/*.py"), ROOT / "cmedl" / "cli.py", *(ROOT / "cmedl" / "training").glob("*.py")]
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                names = {element.value for element in node.elts if isinstance(element, ast.Constant)}
+                assert len(names & set(DEVICES)) < 2, f"{path.relative_to(ROOT)}:{node.lineno} lists device names"
+
+
 def cmake_list(text: str, variable: str) -> list[str]:
     match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
     assert match, f"{variable} is not set"

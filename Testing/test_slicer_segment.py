@@ -79,7 +79,8 @@ def test_segmenting_an_oblique_ct_node_puts_the_mask_on_the_right_voxels(
     import slicer
     import vtk
 
-    from CMEDLSegmentLib.segment_logic import SegmentationSettings, TumourSegmentationLogic, overall_fraction
+    from cmedl.progress import overall_fraction
+    from CMEDLSegmentLib.segment_logic import SegmentationSettings, TumourSegmentationLogic
     from CMEDLSegmentLib.volume_nodes import add_volume_from_image, volume_array
 
     node = add_volume_from_image(mrml.scene, phantom_ct, "Chest CT")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cmedl.catalogue import ModelEntry, list_models, peek_model_card
+from cmedl.catalogue import ModelEntry, list_models
+from cmedl.filebase import peek_model_card
 
 
 def test_requirements_file_is_read_and_checked_against_installed_versions(tmp_path: Path) -> None:

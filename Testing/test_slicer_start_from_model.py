@@ -14,8 +14,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import FakeCombo
 
-from cmedl.catalogue import CARD_KEY, FORMAT_KEY, FORMAT_NAME, ModelEntry, builtin_model_path
+from cmedl.catalogue import ModelEntry, builtin_model_path
+from cmedl.filebase import CARD_KEY, FORMAT_KEY, FORMAT_NAME
 from cmedl.training.config import TrainConfig
 from cmedl.training.finetune import fine_tuning_lr
 from cmedl.training.runfolder import MODEL_FILE, TRANSLATOR_FILE
@@ -77,38 +79,6 @@ class Dialogs:
     def model_file(self, start: str) -> str:
         self.starts.append(start)
         return self.file
-
-
-class FakeCombo:
-    def __init__(self) -> None:
-        self.items, self.current, self.blocked, self.cleared = [], -1, False, 0
-
-    @property
-    def count(self) -> int:
-        return len(self.items)
-
-    def blockSignals(self, block: bool) -> bool:  # noqa: N802 -- Qt's name
-        was, self.blocked = self.blocked, block
-        return was
-
-    def itemText(self, index: int) -> str:  # noqa: N802 -- Qt's name
-        return self.items[index][0]
-
-    def itemData(self, index: int) -> str:  # noqa: N802 -- Qt's name
-        return self.items[index][1]
-
-    def clear(self) -> None:
-        self.items, self.cleared = [], self.cleared + 1
-
-    def addItem(self, text: str, data: str) -> None:  # noqa: N802 -- Qt's name
-        self.items.append((text, data))
-
-    def findData(self, data: str) -> int:  # noqa: N802 -- Qt's name
-        return next((index for index, item in enumerate(self.items) if item[1] == data), -1)
-
-    def setCurrentIndex(self, index: int) -> None:  # noqa: N802 -- Qt's name
-        assert self.blocked, "filled without its signals"
-        self.current = index
 
 
 def write_translator(path: Path, options: dict) -> Path:

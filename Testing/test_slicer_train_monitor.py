@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import PROJECT_ROOT
 
-from cmedl.jobs import process_create_time
+from cmedl.processes import process_create_time
 
 STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
 
@@ -49,7 +49,7 @@ def run_with_epochs(folder: Path, epochs: int = 2) -> Path:
 
 
 def alive_snapshot(path: str):
-    from CMEDLTrainLib.runs import RunSnapshot
+    from cmedl.training.runs import RunSnapshot
 
     return RunSnapshot(path=Path(path), state="running", alive=True)
 
@@ -110,7 +110,7 @@ def stubborn_run(folder: Path) -> tuple[Path, int]:
 
 def test_force_stop_returns_at_once_and_the_ticks_watch_the_run_go(tmp_path: Path) -> None:
     """Defect 9: Force stop waited in the GUI thread for up to 12 s (10 s grace, then 2 s)."""
-    from cmedl.jobs import process_alive
+    from cmedl.processes import process_alive
     from CMEDLTrainLib.monitor import RunMonitor
 
     run, pid = stubborn_run(tmp_path / "run")
@@ -147,8 +147,8 @@ class Prompts:
 
 def test_stop_asks_then_requests_and_a_second_stop_offers_to_kill(monkeypatch) -> None:
     import CMEDLTrainLib.actions as actions_module
+    from cmedl.training.runs import RunSnapshot
     from CMEDLTrainLib.actions import TrainActions
-    from CMEDLTrainLib.runs import RunSnapshot
 
     requested, forced = [], []
     monkeypatch.setattr(actions_module, "request_stop", requested.append)
@@ -164,9 +164,9 @@ def test_stop_asks_then_requests_and_a_second_stop_offers_to_kill(monkeypatch) -
 
 def test_start_and_resume_show_a_failed_install_in_one_message(tmp_path: Path) -> None:
     """Defect 1 for CMEDL Train: Start and Resume caught only RuntimeError from the installer."""
+    from cmedl.training.runs import RunSnapshot
     from CMEDLCommon.dependencies import DependencyError
     from CMEDLTrainLib.actions import TrainActions
-    from CMEDLTrainLib.runs import RunSnapshot
     from CMEDLTrainLib.settings import DataFolders, TrainingSettings
 
     def failing(requester: str) -> bool:
@@ -196,8 +196,8 @@ def test_listing_runs_needs_no_psutil(tmp_path: Path) -> None:
         f"root = Path({str(tmp_path)!r})\n"
         "(root / 'alive' / 'launcher.json').write_text(json.dumps({'pid': os.getpid(), 'create_time': 1.0}))\n"
         "from CMEDLTrainLib.monitor import run_list\n"
-        "from CMEDLTrainLib.runs import read_run\n"
-        "import CMEDLTrainLib.actions, CMEDLTrainLib.launcher\n"
+        "from cmedl.training.runs import read_run\n"
+        "import cmedl.training.launch, CMEDLTrainLib.actions, CMEDLTrainLib.launcher\n"
         "states = {p.name: (read_run(p).state, read_run(p).alive) for p in root.iterdir()}\n"
         "assert states == {'alive': ('running', True), 'ended': ('interrupted', False)}, states\n"
         "items, row = run_list(str(root), '')\n"

@@ -3,7 +3,6 @@ detached training processes started, followed from fresh readers and other proce
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -13,24 +12,24 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, parameter_node_values
 
 from cmedl.catalogue import list_models
 from cmedl.errors import ConfigError, InputError
-from cmedl.jobs import process_create_time
+from cmedl.processes import process_create_time
 from cmedl.training.config import TrainConfig
-from cmedl.volumes import list_volumes
-from CMEDLTrainLib.launcher import (
+from cmedl.training.launch import (
     kill_run,
     model_name_for,
     register_model,
     request_stop,
     resume_training,
-    start_training,
     training_command,
     wait_for_run,
 )
-from CMEDLTrainLib.runs import CONSOLE_LOG, LAUNCH_CONFIG, LAUNCHER_RECORD, list_runs, read_run
+from cmedl.training.runs import CONSOLE_LOG, LAUNCH_CONFIG, LAUNCHER_RECORD, list_runs, read_run
+from cmedl.volumes import list_volumes
+from CMEDLTrainLib.launcher import start_training
 from CMEDLTrainLib.settings import (
     VGG_RANDOM_NOTE,
     DataFolders,
@@ -41,7 +40,6 @@ from CMEDLTrainLib.settings import (
     vgg_weights_note,
 )
 
-MODULE_FILE = PROJECT_ROOT / "CMEDLTrain" / "CMEDLTrain.py"
 UI_FILE = PROJECT_ROOT / "CMEDLTrain" / "Resources" / "UI" / "CMEDLTrain.ui"
 TINY = {
     "method": "ct_only", "segmentor": "unet", "epochs": 2, "iterations_per_epoch": 2, "batch_size": 1,
@@ -61,29 +59,13 @@ def folders_of(dataset: Path) -> DataFolders:
 # -- the panel's values and the engine's configuration -----------------------------------------------------
 
 
-def module_parameter_defaults() -> tuple[dict, dict, dict]:
-    """(field -> default, field -> WithinRange bounds) read from the module file's source, and SETTINGS_FIELDS."""
+def test_the_panel_defaults_are_the_engine_defaults_and_fit_their_widgets() -> None:
     from CMEDLTrainLib.parameters import SETTINGS_FIELDS
 
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    defaults, ranges, mapping = {}, {}, dict(SETTINGS_FIELDS)
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "CMEDLTrainParameterNode":
-            for statement in node.body:
-                if isinstance(statement, ast.AnnAssign) and statement.value is not None:
-                    name = statement.target.id
-                    defaults[name] = ast.literal_eval(statement.value)
-                    for call in ast.walk(statement.annotation):
-                        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "WithinRange":
-                            ranges[name] = tuple(ast.literal_eval(arg) for arg in call.args)
-    return defaults, ranges, mapping
-
-
-def test_the_panel_defaults_are_the_engine_defaults_and_fit_their_widgets() -> None:
-    defaults, ranges, mapping = module_parameter_defaults()
+    defaults, ranges = parameter_node_values("CMEDLTrain")
     engine = paper_defaults()
     assert engine["lambda_cyc"] == TrainConfig().lambda_cyc == 10.0 and engine["lambda_seg"] == 5.0
-    for parameter, setting in mapping.items():
+    for parameter, setting in SETTINGS_FIELDS.items():
         assert parameter in defaults, parameter
         assert setting in engine, setting
         assert defaults[parameter] == engine[setting], (parameter, defaults[parameter], engine[setting])
@@ -98,6 +80,23 @@ def test_the_panel_defaults_are_the_engine_defaults_and_fit_their_widgets() -> N
     assert {"lrSegmentor", "lrTranslator", "spacingMm", "validationFraction"} <= set(bound)
     for parameter, decimals in bound.items():
         assert round(defaults[parameter], decimals) == defaults[parameter], parameter
+
+
+def test_every_value_the_panel_offers_the_engine_accepts() -> None:
+    """Each end of a parameter's range (the spin box's, set from WithinRange when the panel binds it) is a value
+    TrainConfig.validate() accepts: a range wider than the engine's would only lead to a refusal."""
+    from CMEDLTrainLib.parameters import SETTINGS_FIELDS
+
+    _, ranges = parameter_node_values("CMEDLTrain")
+    assert {"epochs", "patchSize", "lrSegmentor", "validationFraction", "freezeEncoderEpochs"} <= set(ranges)
+    for parameter, bounds in ranges.items():
+        field = SETTINGS_FIELDS[parameter]
+        if field == "gpus":
+            continue  # the processes torchrun starts: the panel's own value, not the configuration's
+        for value in bounds:
+            value = (value, value) if field == "spacing_mm" else value
+            # init: a frozen encoder needs a model to start from
+            TrainConfig(ct="ct", out="run", init="model", **{field: value}).validate()
 
 
 def test_settings_become_a_validated_engine_configuration(small_phantoms: Path, tmp_path: Path) -> None:
@@ -265,7 +264,7 @@ def reader_in_another_process(run: Path) -> dict:
     """What a fresh process (a restarted Slicer) sees of the run."""
     script = (
         "import json, sys\n"
-        "from CMEDLTrainLib.runs import read_run\n"
+        "from cmedl.training.runs import read_run\n"
         "s = read_run(sys.argv[1])\n"
         "print(json.dumps({'alive': s.alive, 'state': s.state, 'epochs': s.epochs}))\n"
     )

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from cmedl.errors import InputError, NotCTError
 from cmedl.phantom import make_phantom
 from cmedl.training.inventory import CT, scan_folder
-from CMEDLTrainLib.runs import read_run
+from cmedl.training.runs import read_run
 
 pytestmark = pytest.mark.slicer
 

@@ -68,7 +68,8 @@ from scipy.ndimage import uniform_filter1d
 from scipy.signal import find_peaks
 
 from cmedl.comparison import paired_comparison
-from cmedl.modelfile import LoadedModel, file_sha256, load_model
+from cmedl.filebase import file_sha256
+from cmedl.modelfile import LoadedModel, load_model
 from cmedl.patches import predict_slices
 from cmedl.segment import Segmenter, SegmentOptions, segment_to_files
 from cmedl.training.inventory import scan_training_data

@@ -16,7 +16,7 @@ seconds, input``, status ``ok``, ``failed`` or ``skipped``. It is rewritten afte
 even when the batch is interrupted.
 
 Resuming: a case whose outputs all exist and whose lesion table records the same model sha256, the same input
-sha256 and the same result-changing options (:data:`cmedl.segment.RESULT_OPTIONS`; not device or batch size)
+sha256 and the same result-changing options (:data:`cmedl.segment_options.RESULT_OPTIONS`; not device or batch size)
 is skipped. One failing case is recorded with its one-line error and the next case starts; a cancel stops the
 batch. The exit code is 0 when every case is ok or skipped, :data:`PARTIAL_FAILURE_EXIT_CODE` otherwise.
 """
@@ -34,7 +34,8 @@ from cmedl.errors import CancelledError, CMEDLError, InputError, OutputError
 from cmedl.lesions import read_lesions
 from cmedl.modelfile import load_model
 from cmedl.progress import Progress
-from cmedl.segment import RESULT_OPTIONS, Segmenter, SegmentOptions, input_sha256, segment_to_files
+from cmedl.segment import Segmenter, input_sha256, segment_to_files
+from cmedl.segment_options import RESULT_OPTIONS, SegmentOptions
 from cmedl.volumes import _dicom_series_ids, atomic_output, list_volumes, stem_of, suffix_of
 
 #: Exit code of a batch in which at least one case failed (the others' results are written).
@@ -171,8 +172,7 @@ def run_batch(
         raise InputError("an uncertainty map needs test-time augmentation (--tta)")
     cases = _case_names(inputs)
     planned = {
-        case: case_outputs(case, out_folder, output_format, probabilities_folder, uncertainty_folder)
-        for case in cases
+        case: case_outputs(case, out_folder, output_format, probabilities_folder, uncertainty_folder) for case in cases
     }
     resolved_inputs = {path.resolve() for path in inputs}
     for outputs in planned.values():

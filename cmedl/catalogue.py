@@ -7,8 +7,8 @@ sources, listed in this order by :func:`list_models`:
 - ``user``: model files registered with :func:`add_model` (``cmedl models add``), kept in
   ``<home>/models/<name>.safetensors``;
 - ``download``: entries of catalogue JSON files (the shipped ``cmedl/resources/model_catalogue.json``, the
-  files named in ``CMEDL_CATALOGUE`` and ``<home>/catalogue.json``), fetched by :func:`download_model`
-  into ``<home>/cache/<name>.safetensors`` and checked against their sha256.
+  files named in ``CMEDL_CATALOGUE`` and ``<home>/catalogue.json``), available once their file is in
+  ``<home>/cache/<name>.safetensors``; :mod:`cmedl.downloads` fetches them there.
 
 ``<home>`` is ``CMEDL_HOME`` if set, else ``~/.cmedl``. A catalogue file looks like::
 
@@ -18,29 +18,23 @@ sources, listed in this order by :func:`list_models`:
 
 This module only needs the standard library: a Slicer module lists models and shows their model cards
 before torch, numpy or safetensors are installed, so model cards are read from the safetensors header
-directly (:func:`peek_model_card`) instead of through :mod:`cmedl.modelfile`.
+directly (:func:`cmedl.filebase.peek_model_card`) instead of through :mod:`cmedl.modelfile`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
-import math
 import os
 import re
 import shutil
-import struct
-import tempfile
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmedl.errors import CMEDLError, ConfigError, InputError, ModelFileError, OutputError
-from cmedl.progress import Progress
+from cmedl.errors import ConfigError, InputError, ModelFileError, OutputError
+from cmedl.filebase import SEGMENTOR_KIND, atomic_write, peek_model_card, shown_value
 
 BUILTIN_DEMO = "demo"
 _RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
@@ -57,22 +51,9 @@ CATALOGUE_FORMAT = "cmedl-catalogue"
 CATALOGUE_VERSION = 1
 MODEL_SUFFIX = ".safetensors"
 
-# The model file's header keys; cmedl.modelfile (which imports torch) takes them from here.
-CARD_KEY = "cmedl.model_card"
-FORMAT_KEY = "cmedl.format"
-FORMAT_NAME = "cmedl-model"
-SEGMENTOR_KIND = "segmentor"
-
-# A model card is a few kilobytes; a header length beyond this is a damaged or foreign file, and reading it
-# would only waste memory.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-# Without a size in the catalogue or from the server, a download that grows beyond this is not a model.
-MAX_DOWNLOAD_BYTES = 4 * 1024**3
-_BLOCK_BYTES = 1 << 20
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _URL_SCHEMES = ("http", "https", "file")
-_PARTIAL_SUFFIX = ".partial"
 
 
 # -- where things live --------------------------------------------------------------------------------
@@ -108,173 +89,7 @@ def _folder(path: Path, create: bool) -> Path:
     return path
 
 
-# -- model cards without torch ------------------------------------------------------------------------
-
-
-def peek_model_card(path: str | Path) -> dict[str, Any]:
-    """The model card of a CMEDL model file as a plain dict, read from the safetensors header alone.
-
-    Checks what can be checked without the weights: the header is well formed, the file is as long as the
-    header says (a truncated download is caught), and the metadata carries the CMEDL format marker and a
-    model card naming at least the model and its architecture. Every failure is a :class:`ModelFileError`
-    with one line naming the file.
-    """
-    path = Path(path)
-    header = _read_header(path)
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise ModelFileError(f"{path.name} is not a readable model file (damaged safetensors metadata)")
-    marker = metadata.get(FORMAT_KEY)
-    if not isinstance(marker, str) or not marker.startswith(FORMAT_NAME) or CARD_KEY not in metadata:
-        raise ModelFileError(f"{path.name} is a safetensors file but not a CMEDL model (no model card)")
-    try:
-        card = json.loads(metadata[CARD_KEY])
-    except (TypeError, ValueError, RecursionError):
-        raise ModelFileError(f"{path.name} has a damaged model card") from None
-    if not isinstance(card, dict):
-        raise ModelFileError(f"{path.name} has a damaged model card (not a JSON object)")
-    missing = sorted({"name", "architecture"} - set(card))
-    if missing:
-        raise ModelFileError(f"{path.name}: model card lacks {', '.join(missing)}")
-    check_card_values(card, path.name)
-    return card
-
-
-# Sane ranges of the model card values inference relies on; outside them a card is damaged or hand-edited.
-CARD_PATCH_SIZE_RANGE = (8, 4096)
-CARD_SPACING_RANGE_MM = (0.01, 50.0)
-CARD_WIDTH_RANGE = (1, 1024)
-CARD_MAX_CLASSES = 256  # labelmaps are written as uint8
-CARD_MAX_IN_CHANNELS = 64
-# Architecture options that set a network's width: a huge value would allocate gigabytes before failing.
-_WIDTH_OPTIONS = ("base_channels", "growth_rate", "stem_channels")
-
-
-def check_card_values(card: dict[str, Any], shown: str) -> None:
-    """Refuse a model card whose values inference cannot use, with one line naming ``shown`` (the file).
-
-    Checked where present (absent values take the engine's defaults): ``patch_size`` within
-    :data:`CARD_PATCH_SIZE_RANGE`; ``spacing_mm`` two finite values within :data:`CARD_SPACING_RANGE_MM`;
-    ``hu_window`` two finite values, low below high (an empty window divides by zero, a reversed one
-    inverts the image); ``in_channels`` and ``num_classes`` (2 to :data:`CARD_MAX_CLASSES`) integers;
-    width options (``base_channels`` ...) within :data:`CARD_WIDTH_RANGE` and every numeric option finite;
-    ``labels`` distinct integer values from 1 to ``num_classes - 1``, each with a name. Whether the
-    architecture exists and the weights fit it needs torch: :func:`cmedl.modelfile.check_model_file`.
-    Raises :class:`ModelFileError`.
-    """
-
-    def refuse(reason: str) -> None:
-        raise ModelFileError(f"{shown}: the model card is not usable: {reason}")
-
-    def integer(key: str, low: int, high: int) -> int | None:
-        value = card.get(key)
-        if value is None:
-            return None
-        if not _is_int(value) or not low <= value <= high:
-            refuse(f"{key} {_short(value)} is not an integer from {low} to {high}")
-        return value
-
-    integer("patch_size", *CARD_PATCH_SIZE_RANGE)
-    integer("in_channels", 1, CARD_MAX_IN_CHANNELS)
-    classes = integer("num_classes", 2, CARD_MAX_CLASSES)
-    if "spacing_mm" in card:
-        spacing = _numbers(card["spacing_mm"])
-        low, high = CARD_SPACING_RANGE_MM
-        if spacing is None or len(spacing) != 2 or not all(low <= value <= high for value in spacing):
-            refuse(f"spacing_mm {_short(card['spacing_mm'])} is not two values from {low:g} to {high:g} mm")
-    if "hu_window" in card:
-        window = _numbers(card["hu_window"])
-        if window is None or len(window) != 2:
-            refuse(f"hu_window {_short(card['hu_window'])} is not two finite HU values")
-        elif not window[0] < window[1]:
-            refuse(f"hu_window {_short(card['hu_window'])} is empty or reversed (low must be below high)")
-    options = card.get("architecture_options", {})
-    if not isinstance(options, dict):
-        refuse("architecture_options is not a JSON object")
-    for key, value in options.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            refuse(f"architecture option {key} is {value!r}")
-        if key in _WIDTH_OPTIONS and (not _is_int(value) or not CARD_WIDTH_RANGE[0] <= value <= CARD_WIDTH_RANGE[1]):
-            refuse(f"architecture option {key} {_short(value)} is not an integer from {CARD_WIDTH_RANGE[0]} to "
-                   f"{CARD_WIDTH_RANGE[1]}")  # fmt: skip
-    labels = card.get("labels", [])
-    if not isinstance(labels, list):
-        refuse("labels is not a list")
-    values: list[int] = []
-    top = (classes or 2) - 1
-    for label in labels:
-        value = label.get("value") if isinstance(label, dict) else None
-        if not _is_int(value) or not 1 <= value <= top:
-            refuse(f"label value {_short(value)} is not an output class of the network (1 to {top})")
-        if value in values:
-            refuse(f"label value {value} is listed twice")
-        if not isinstance(label.get("name"), str):
-            refuse(f"label {value} has no name")
-        values.append(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _numbers(value: Any) -> list[float] | None:
-    """``value`` as a list of finite floats, or None when it is not a list of finite numbers."""
-    if not isinstance(value, (list, tuple)):
-        return None
-    if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value):
-        return None
-    numbers = [float(item) for item in value]
-    return numbers if all(math.isfinite(item) for item in numbers) else None
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """The parsed safetensors header of ``path``, after checking that the data section has the promised length."""
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise ModelFileError(f"{path.name} is not a readable model file (truncated: {size} bytes)")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise ModelFileError(
-                    f"{path.name} is not a readable model file (truncated or not safetensors: "
-                    f"header of {length} bytes in a file of {size} bytes)"
-                )
-            raw = handle.read(length)
-    except OSError as error:
-        raise ModelFileError(f"{path.name} cannot be read: {error.strerror or error}") from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ModelFileError(f"{path.name} is not a readable model file (not safetensors: no JSON header)") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path.name} is not a readable model file (not safetensors: no JSON header)")
-    data_end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in offsets)
-        ):
-            raise ModelFileError(f"{path.name} is not a readable model file (damaged entry {key!r} in the header)")
-        data_end = max(data_end, offsets[1])
-    data_size = size - 8 - length
-    if data_size < data_end:
-        raise ModelFileError(
-            f"{path.name} is truncated: its header promises {data_end} bytes of weights, the file has {data_size}"
-        )
-    if data_size > data_end:
-        # safetensors refuses such files too, so accepting them here would only move the error to loading time.
-        raise ModelFileError(
-            f"{path.name} is not a readable model file ({data_size - data_end} bytes after the weights)"
-        )
-    return header
+# -- model card boxes ---------------------------------------------------------------------------------
 
 
 def card_summary(card: dict[str, Any]) -> dict[str, Any]:
@@ -320,14 +135,8 @@ def card_summary(card: dict[str, Any]) -> dict[str, Any]:
 
 def _one_line(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{key}: {_short(item)}" for key, item in value.items())
-    return "" if value is None else _short(value)
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+        return ", ".join(f"{key}: {shown_value(item)}" for key, item in value.items())
+    return "" if value is None else shown_value(value)
 
 
 # -- catalogue entries ---------------------------------------------------------------------------------
@@ -586,6 +395,19 @@ def find_model(name: str) -> ModelEntry:
     raise InputError(f"no model named {name!r} in the catalogue (known names: {_names(entries)})")
 
 
+def download_entry(name: str) -> ModelEntry:
+    """The download entry called ``name``; for any other name an :class:`InputError` saying what it is instead."""
+    entries = load_catalogue()
+    for entry in entries:
+        if entry.name == name:
+            return entry
+    if name in BUILTIN_MODELS:
+        raise InputError(f"{name!r} is a built-in model; there is nothing to download")
+    if _NAME_PATTERN.fullmatch(name) and (user_models_dir() / f"{name}{MODEL_SUFFIX}").is_file():
+        raise InputError(f"{name!r} is a user model; there is nothing to download")
+    raise InputError(f"no downloadable model named {name!r} (downloadable: {_names(entries)})")
+
+
 def _names(entries: Iterable[ModelEntry]) -> str:
     return ", ".join(entry.name for entry in entries) or "none"
 
@@ -611,7 +433,7 @@ def add_model(
     """
     source = Path(path)
     card = peek_model_card(source)
-    _require_segmentor(source, card)
+    require_segmentor(source, card)
     if check is not None:
         check(source)
     if name is None:
@@ -629,7 +451,8 @@ def add_model(
     return _user_entry(target)
 
 
-def _require_segmentor(path: Path, card: dict[str, Any]) -> None:
+def require_segmentor(path: Path, card: dict[str, Any]) -> None:
+    """Refuse a model file whose ``card`` is not of a segmentation model: only those go into the catalogue."""
     kind = card.get("kind", SEGMENTOR_KIND)
     if kind != SEGMENTOR_KIND:
         raise ModelFileError(
@@ -639,42 +462,13 @@ def _require_segmentor(path: Path, card: dict[str, Any]) -> None:
 
 
 def _copy_checked(source: Path, target: Path) -> None:
-    temp = _temp_path(target)
-    try:
+    with atomic_write(target) as temp:
         try:
             shutil.copyfile(source, temp)
         except OSError as error:
             raise OutputError(f"cannot copy {source} to {target}: {error.strerror or error}") from None
         # The source may change while it is copied; the copy is what gets registered, so the copy is checked.
-        _require_segmentor(source, peek_model_card(temp))
-        _finish(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _temp_path(target: Path) -> Path:
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_PARTIAL_SUFFIX, dir=target.parent)
-    except OSError as error:
-        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
-    os.close(handle)
-    return Path(name)
-
-
-def _finish(temp: Path, target: Path) -> None:
-    try:
-        os.chmod(temp, _default_file_mode())
-        os.replace(temp, target)
-    except OSError as error:
-        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
-
-
-def _default_file_mode() -> int:
-    # Temporary files are created private (0600); the finished file gets the mode a plain open() would give.
-    # os.umask can only be read by setting it, so it is restored at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+        require_segmentor(source, peek_model_card(temp))
 
 
 def remove_model(name: str) -> Path:
@@ -695,149 +489,6 @@ def remove_model(name: str) -> Path:
         )
     users = ", ".join(p.name[: -len(MODEL_SUFFIX)] for p in _user_model_files()) or "none"
     raise InputError(f"no user model named {name!r} (user models: {users})")
-
-
-# -- downloads -----------------------------------------------------------------------------------------
-
-
-def download_model(name: str, accept_license: bool, progress: Progress | None = None, timeout: float = 60.0) -> Path:
-    """Fetch the download entry ``name`` into the cache and return the file's path.
-
-    A cached file whose sha256 matches the catalogue is returned without any network access, so a file put
-    there by hand (see :func:`cached_model_path`) works offline. Otherwise the file is streamed from the
-    entry's url into a temporary file, hashed on the way, and renamed into place only when the sha256
-    matches and the model card reads; on any failure or cancel nothing is kept. Progress is reported as
-    stage ``download`` in bytes. The license must be accepted (``accept_license``) or a
-    :class:`ConfigError` quoting it is raised.
-    """
-    progress = progress if progress is not None else Progress()
-    entry = _download_entry(name)
-    assert entry.url is not None and entry.sha256 is not None
-    if not accept_license:
-        raise ConfigError(
-            f"{name} is distributed under this license: {_flat(entry.license)}; accept it to download "
-            "(--accept-license)"
-        )
-    target = cached_model_path(name)
-    if target.is_file() and _sha256_of(target) == entry.sha256:
-        _require_segmentor(target, peek_model_card(target))
-        return target
-    cache_dir(create=True)
-    temp = _temp_path(target)
-    try:
-        digest = _fetch(entry, temp, progress, timeout, target)
-        if digest != entry.sha256:
-            raise ModelFileError(
-                f"downloaded file for {name} from {entry.url} does not match its sha256 ({digest} instead of "
-                f"{entry.sha256}): corrupted or tampered download; nothing was kept"
-            )
-        _check_downloaded(temp, f"downloaded file for {name} from {entry.url}")
-        _finish(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
-
-
-def _download_entry(name: str) -> ModelEntry:
-    entries = load_catalogue()
-    for entry in entries:
-        if entry.name == name:
-            return entry
-    if name in BUILTIN_MODELS:
-        raise InputError(f"{name!r} is a built-in model; there is nothing to download")
-    if _NAME_PATTERN.fullmatch(name) and (user_models_dir() / f"{name}{MODEL_SUFFIX}").is_file():
-        raise InputError(f"{name!r} is a user model; there is nothing to download")
-    raise InputError(f"no downloadable model named {name!r} (downloadable: {_names(entries)})")
-
-
-def _check_downloaded(path: Path, shown: str) -> None:
-    try:
-        card = peek_model_card(path)
-    except ModelFileError as error:
-        raise ModelFileError(f"{shown} is not a usable model ({error}); nothing was kept") from None
-    try:
-        _require_segmentor(path, card)
-    except ModelFileError:
-        raise ModelFileError(
-            f"{shown} holds a {card.get('kind')} model, not a tumour segmentation model; nothing was kept"
-        ) from None
-
-
-def _fetch(entry: ModelEntry, temp: Path, progress: Progress, timeout: float, target: Path) -> str:
-    """Stream ``entry.url`` into ``temp``; returns the sha256 of what was written."""
-    assert entry.url is not None
-    by_hand = f"without network, place the file by hand at {target} (sha256 {entry.sha256})"
-    digest = hashlib.sha256()
-    done = 0
-    try:
-        with urllib.request.urlopen(entry.url, timeout=timeout) as response, open(temp, "wb") as out:
-            announced = response.headers.get("Content-Length")
-            total = int(announced) if announced and announced.isdigit() else (entry.size_bytes or 0)
-            limit = max(total, entry.size_bytes or 0) or MAX_DOWNLOAD_BYTES
-            progress.update("download", 0, total, "bytes")
-            while True:
-                block = response.read(_BLOCK_BYTES)
-                if not block:
-                    break
-                done += len(block)
-                if done > limit:
-                    raise ModelFileError(
-                        f"download of {entry.name} from {entry.url} is larger than the expected {limit} bytes; "
-                        "nothing was kept"
-                    )
-                digest.update(block)
-                _write(out, block, target)
-                progress.update("download", done, max(total, done), "bytes")
-    except CMEDLError:
-        # A cancel, a full disk or an oversized download: already a one-line error of its own kind.
-        raise
-    except (OSError, http.client.HTTPException, ValueError) as error:
-        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
-        raise InputError(f"cannot download {entry.name} from {entry.url}: {_flat(str(reason))}; {by_hand}") from None
-    return digest.hexdigest()
-
-
-def _write(out: Any, block: bytes, target: Path) -> None:
-    # A full disk is the user's to fix (exit code 6), not a network failure; it must not be reported as one.
-    try:
-        out.write(block)
-    except OSError as error:
-        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(_BLOCK_BYTES), b""):
-                digest.update(block)
-    except OSError as error:
-        raise ModelFileError(f"{path} cannot be read: {error.strerror or error}") from None
-    return digest.hexdigest()
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def clear_cache() -> int:
-    """Delete every downloaded model file (and leftovers of interrupted downloads); returns how many models."""
-    folder = cache_dir()
-    if not folder.is_dir():
-        return 0
-    removed = 0
-    for path in sorted(folder.iterdir()):
-        if not path.is_file():
-            continue
-        finished = path.name.endswith(MODEL_SUFFIX) and not path.name.startswith(".")
-        if not finished and not path.name.endswith(_PARTIAL_SUFFIX):
-            continue
-        try:
-            path.unlink()
-        except OSError as error:
-            raise OutputError(f"cannot remove {path}: {error.strerror or error}") from None
-        removed += int(finished)
-    return removed
 
 
 # -- resolving --model -----------------------------------------------------------------------------

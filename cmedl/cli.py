@@ -1,7 +1,7 @@
 """The ``cmedl`` command line (also ``python -m cmedl``).
 
-Subcommands: ``segment``, ``translate``, ``lungs``, ``train``, ``phantom``, ``info``, ``evaluate``, ``models``
-(``list``, ``add``, ``remove``, ``download``, ``clear-cache``, ``path``), ``demo``, ``bench``.
+Subcommands: ``segment``, ``translate``, ``lungs``, ``train``, ``runs``, ``phantom``, ``info``, ``evaluate``,
+``models`` (``list``, ``add``, ``remove``, ``download``, ``clear-cache``, ``path``), ``demo``, ``bench``.
 Every failure a user can cause ends with one line on stderr (``cmedl: error: ...``) and an exit code
 that tells the outcomes apart (see :mod:`cmedl.errors`): 2 no lungs found, 3 bad input, 4 bad model
 file, 5 not a CT, 6 cannot write output, 7 bad configuration, 8 training failed, 130 cancelled.
@@ -21,15 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 from cmedl import __version__
 from cmedl.cpu import mark_cli_process
+from cmedl.devices import DEFAULT_DEVICE, DEVICES
 from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, NotCTError
 from cmedl.interrupts import stop_signals
 from cmedl.progress import JsonLinesProgress, Progress, TextProgress
+from cmedl.segment_options import SegmentOptions
+from cmedl.training.choices import METHODS, SEGMENTORS
 
 if TYPE_CHECKING:  # the engine modules load on demand: `cmedl --help` stays fast
     from cmedl.evaluate import EvaluationReport
     from cmedl.training.config import TrainConfig
 
 Handler = Callable[[argparse.Namespace, Progress], int]
+# The flags' defaults are the engine's (SegmentOptions is torch-free, so building the parser stays fast).
+_SEGMENT_DEFAULTS = SegmentOptions()
 
 
 def _progress_for(args: argparse.Namespace) -> Progress:
@@ -53,6 +58,13 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows of text (the first is the header) in columns; the last column is not padded."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
 # -- segment -----------------------------------------------------------------------------------------
 
 
@@ -70,11 +82,18 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
         help="output labelmap: .seg.nrrd, .nii.gz or .nrrd; for a batch, the output folder",
     )
     parser.add_argument("--model", default=None, help="model file or catalogue name (default: built-in demo model)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=4, help="patches per network call")
-    parser.add_argument("--threshold", type=float, default=0.5, help="tumour probability threshold")
-    parser.add_argument("--lung-threshold", type=float, default=-300.0, help="lung air threshold in HU")
-    parser.add_argument("--roi-margin", type=float, default=30.0, help="ROI margin around the lungs in mm")
+    defaults = _SEGMENT_DEFAULTS
+    parser.add_argument("--device", default=defaults.device, choices=DEVICES)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="patches per network call")
+    parser.add_argument(
+        "--threshold", type=float, default=defaults.probability_threshold, help="tumour probability threshold"
+    )
+    parser.add_argument(
+        "--lung-threshold", type=float, default=defaults.lung_threshold_hu, help="lung air threshold in HU"
+    )
+    parser.add_argument(
+        "--roi-margin", type=float, default=defaults.roi_margin_mm, help="ROI margin around the lungs in mm"
+    )
     parser.add_argument("--force", action="store_true", help="segment even if the image does not look like CT")
     parser.add_argument("--lesions", metavar="FILE", help="write the lesion table: .json or .csv (one CT only)")
     parser.add_argument(
@@ -92,12 +111,16 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
         "for a batch, a folder",
     )
     parser.add_argument(
-        "--min-lesion-ml", type=float, default=0.0, metavar="ML", help="remove lesions below this volume (0: keep all)"
+        "--min-lesion-ml",
+        type=float,
+        default=defaults.min_lesion_ml,
+        metavar="ML",
+        help="remove lesions below this volume (0: keep all)",
     )
     parser.add_argument(
         "--min-lesion-probability",
         type=float,
-        default=0.0,
+        default=defaults.min_lesion_probability,
         metavar="P",
         help="remove lesions whose peak tumour probability is below P (0-1; 0: keep all)",
     )
@@ -113,13 +136,7 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
 
 
 def _segment_options(args: argparse.Namespace) -> Any:
-    """The :class:`cmedl.segment.SegmentOptions` of the ``segment`` flags, validated."""
-    from cmedl.segment import SegmentOptions
-
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
-    if not 0.0 < args.threshold < 1.0:
-        raise InputError("--threshold must be between 0 and 1")
+    """The :class:`cmedl.segment_options.SegmentOptions` of the ``segment`` flags, validated (by the options)."""
     if args.uncertainty and not args.tta:
         raise InputError("--uncertainty needs --tta (the uncertainty is the spread over the flips)")
     return SegmentOptions(
@@ -235,7 +252,7 @@ def _add_translate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("input", help="CT volume file or DICOM series folder")
     parser.add_argument("-o", "--output", required=True, help="pseudo-MRI volume (.nii.gz, .nrrd, .mha)")
     parser.add_argument("--model", required=True, help="translator model file of a CMEDL run")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES)
     parser.add_argument("--force", action="store_true", help="translate even if the image does not look like CT")
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_translate)
@@ -261,8 +278,9 @@ def _add_lungs(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("input", help="CT volume file or DICOM series folder")
     parser.add_argument("--lungs-out", help="write the lung mask here")
     parser.add_argument("--roi-out", help="write the ROI mask here")
-    parser.add_argument("--threshold", type=float, default=-300.0, help="air threshold in HU")
-    parser.add_argument("--margin", type=float, default=30.0, help="ROI margin around the lungs in mm")
+    defaults = _SEGMENT_DEFAULTS
+    parser.add_argument("--threshold", type=float, default=defaults.lung_threshold_hu, help="air threshold in HU")
+    parser.add_argument("--margin", type=float, default=defaults.roi_margin_mm, help="ROI margin around the lungs (mm)")
     parser.add_argument("--json", action="store_true", help="print lung volume, slice range and ROI box as JSON")
     parser.set_defaults(handler=_run_lungs, progress="none")
 
@@ -296,16 +314,16 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help=about, description=about)
     parser.add_argument("--config", help="JSON configuration file (command-line values override it)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
-    parser.add_argument("--method", choices=["ct_only", "cmedl"])
+    parser.add_argument("--method", choices=METHODS)
     parser.add_argument("--ct", help="CT dataset folder with images/ and labels/")
     parser.add_argument("--mr", help="MRI dataset folder with images/ (and optional labels/)")
     parser.add_argument("--out", help="run folder to create")
-    parser.add_argument("--segmentor", choices=["unet", "densefcn", "mrrn"])
+    parser.add_argument("--segmentor", choices=SEGMENTORS)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--iterations-per-epoch", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--patch-size", type=int)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=DEVICES)
     parser.add_argument("--seed", type=int)
     parser.add_argument(
         "--vgg-weights",
@@ -387,6 +405,39 @@ def _run_train(args: argparse.Namespace, progress: Progress) -> int:
     return 0 if status["state"] == "finished" else 8
 
 
+# -- runs --------------------------------------------------------------------------------------------
+
+
+def _add_runs(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "runs", help="list the training runs in a folder (CMEDL Train's runs folder): state, epoch, best Dice"
+    )
+    parser.add_argument("root", help="the folder that holds the run folders")
+    parser.add_argument("--json", action="store_true", help="print every run's values as JSON")
+    parser.set_defaults(handler=_run_runs, progress="none")
+
+
+def _run_runs(args: argparse.Namespace, progress: Progress) -> int:
+    """``cmedl runs ROOT``: what CMEDL Train's runs list shows, newest first (:mod:`cmedl.training.runs`)."""
+    from cmedl.training.runs import list_runs, read_run
+
+    if not Path(args.root).is_dir():
+        raise InputError(f"runs folder not found: {args.root}")
+    snapshots = [read_run(path) for path in list_runs(args.root)]
+    if args.json:
+        keys = ("method", "state", "alive", "epoch", "epochs", "best_validation_dice", "best_epoch", "error")
+        _print_json({"runs": [{"run": str(run.path), **{key: getattr(run, key) for key in keys}} for run in snapshots]})
+        return 0
+    rows = [("RUN", "METHOD", "STATE", "EPOCH", "BEST VALIDATION DICE")]
+    for run in snapshots:
+        best = run.best_validation_dice
+        dice = "" if best is None else f"{best:.3f}" + (f" (epoch {run.best_epoch})" if run.best_epoch else "")
+        epoch = f"{run.epoch}/{run.epochs}" if run.epochs else ""
+        rows.append((str(run.path), run.method, run.state, epoch, dice))
+    _print_table(rows)
+    return 0
+
+
 # -- phantom -----------------------------------------------------------------------------------------
 
 
@@ -397,12 +448,21 @@ def _add_phantom(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--mr", type=int, default=4, help="number of MRI cases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=512, help="in-plane matrix size (smaller = coarser spacing)")
-    parser.add_argument("--ct-contrast", type=float, default=None, metavar="HU",
-                        help="CT tumour minus mediastinal soft tissue in HU, e.g. -15 (default: 3-9 HU below)")
-    parser.add_argument("--stratified", action="store_true",
-                        help="two tumours per case at set sites, each site in two of every three cases")
-    parser.add_argument("--paired-mr", action="store_true",
-                        help="also write the MR of each CT case's anatomy under ct/paired_mr/")
+    parser.add_argument(
+        "--ct-contrast",
+        type=float,
+        default=None,
+        metavar="HU",
+        help="CT tumour minus mediastinal soft tissue in HU, e.g. -15 (default: 3-9 HU below)",
+    )
+    parser.add_argument(
+        "--stratified",
+        action="store_true",
+        help="two tumours per case at set sites, each site in two of every three cases",
+    )
+    parser.add_argument(
+        "--paired-mr", action="store_true", help="also write the MR of each CT case's anatomy under ct/paired_mr/"
+    )
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_phantom)
 
@@ -447,7 +507,7 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
 
 def _run_info(args: argparse.Namespace, progress: Progress) -> int:
     from cmedl.catalogue import resolve_model
-    from cmedl.modelfile import describe_model
+    from cmedl.modelcard import describe_model
     from cmedl.training.finetune import fine_tuned_on_line, parent_line
 
     info = describe_model(resolve_model(args.model))
@@ -650,9 +710,7 @@ def _run_models_list(args: argparse.Namespace, progress: Progress) -> int:
         # A multi-line title or license would break the table's rows.
         title, license_text = (" ".join(text.split()) for text in (entry.title, entry.license))
         rows.append((entry.name, entry.source, "yes" if entry.available else "no", title, license_text))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    _print_table(rows)
     for problem in problems:
         print(f"cmedl: warning: {problem}", file=sys.stderr)
     return 0
@@ -677,7 +735,8 @@ def _run_models_remove(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _run_models_download(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.catalogue import SOURCE_DOWNLOAD, download_model, find_model
+    from cmedl.catalogue import SOURCE_DOWNLOAD, find_model
+    from cmedl.downloads import download_model
 
     entry = find_model(args.name)
     if not args.accept_license and entry.source == SOURCE_DOWNLOAD:
@@ -695,7 +754,8 @@ def _run_models_download(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _run_models_clear_cache(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.catalogue import cache_dir, clear_cache
+    from cmedl.catalogue import cache_dir
+    from cmedl.downloads import clear_cache
 
     count = clear_cache()
     print(f"removed {count} downloaded model file{'s' if count != 1 else ''} from {cache_dir()}")
@@ -718,7 +778,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("demo", help="segment a new phantom CT with the built-in model and report Dice")
     parser.add_argument("--out", default="demo_output", help="folder for the phantom, result and overlay")
     parser.add_argument("--seed", type=int, default=2026, help="phantom seed (not one used to train the model)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES)
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_demo)
 
@@ -741,9 +801,10 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-sizes", default="1", help="slices per network call, comma-separated")
     parser.add_argument("--size", type=int, default=256, help="slice side in pixels")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs, paths alternating")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per physical core)")
     parser.add_argument("--skip-volume", action="store_true", help="skip the whole-CT figures")
+    parser.add_argument("--slices", type=int, default=150, help="slices of the whole 512x512 phantom CT")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
     parser.set_defaults(handler=_run_bench, progress="none")
 
@@ -753,8 +814,8 @@ def _run_bench(args: argparse.Namespace, progress: Progress) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be at least 1")
-    if args.size < 32 or args.repeats < 1:
-        raise InputError("--size must be at least 32 and --repeats at least 1")
+    if args.size < 32 or args.repeats < 1 or args.slices < 16:
+        raise InputError("--size must be at least 32, --repeats at least 1 and --slices at least 16")
     figures = run_benchmarks(
         segmentors=[s for s in args.segmentors.split(",") if s],
         batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b],
@@ -763,6 +824,7 @@ def _run_bench(args: argparse.Namespace, progress: Progress) -> int:
         whole_volume=not args.skip_volume,
         threads=args.threads,
         size=args.size,
+        volume_slices=args.slices,
         quiet=args.json,
     )
     if args.json:
@@ -794,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_translate,
         _add_lungs,
         _add_train,
+        _add_runs,
         _add_phantom,
         _add_info,
         _add_evaluate,
@@ -830,6 +893,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(progress, str(error) or type(error).__name__, error.exit_code)
     except KeyboardInterrupt:
         return _report(progress, "interrupted", 130)
+    except BrokenPipeError:
+        # The reader went away (`cmedl info | head`): nothing more can be said to it, and Python's own flush at
+        # exit would fail again, so stdout points to nowhere from here on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except MemoryError:
         return _report(progress, "out of memory; try a smaller --batch-size or another device", 1)
     except Exception as error:  # a bug, not a user error: one line, the traceback only on request

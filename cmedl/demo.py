@@ -15,7 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from cmedl.catalogue import builtin_model_path, peek_model_card
+from cmedl.catalogue import builtin_model_path
+from cmedl.filebase import peek_model_card
 from cmedl.metrics import dice
 from cmedl.phantom import make_phantom
 from cmedl.progress import Progress

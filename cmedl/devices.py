@@ -1,12 +1,30 @@
-"""Choosing the compute device and the mixed-precision mode."""
+"""The compute devices a user can choose, choosing one, and the mixed-precision mode.
+
+:data:`DEVICE_CHOICES` is the one list of device names (with the label a person reads) that the command line's
+``--device``, the configurations and both Slicer panels offer. Importing this module does not import torch:
+the panels list the devices before torch is installed, and torch is imported where a device is resolved.
+"""
 
 from __future__ import annotations
 
 import contextlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from cmedl.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+# (label, name): auto first, as it is every default.
+DEVICE_CHOICES: tuple[tuple[str, str], ...] = (("Auto", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu"))
+DEVICES: tuple[str, ...] = tuple(name for _, name in DEVICE_CHOICES)
+DEFAULT_DEVICE = DEVICES[0]
+
+
+def is_device_name(name: str, indexed: bool = True) -> bool:
+    """Whether ``name`` is one of :data:`DEVICES` or, when ``indexed``, ``cuda:N`` (one GPU of several)."""
+    name = str(name).lower()
+    return name in DEVICES or (indexed and name.startswith("cuda:") and name[5:].isdigit())
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -15,7 +33,9 @@ def resolve_device(requested: str) -> torch.device:
     Apple's MPS is never chosen automatically: several operations the networks use are missing or
     slow there, and a silent fallback would be worse than the CPU.
     """
-    requested = (requested or "auto").lower()
+    import torch
+
+    requested = (requested or DEFAULT_DEVICE).lower()
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cpu":
@@ -24,7 +44,7 @@ def resolve_device(requested: str) -> torch.device:
         if not torch.cuda.is_available():
             raise InputError("a GPU was asked for but CUDA is not available here; use device cpu")
         return torch.device("cuda" if requested == "gpu" else requested)
-    raise InputError(f"unknown device {requested!r}; use auto, cpu or cuda")
+    raise InputError(f"unknown device {requested!r}; use {', '.join(DEVICES)}")
 
 
 def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
@@ -32,6 +52,8 @@ def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | No
 
     Mixed precision is used on CUDA only: ``auto`` picks bf16 where the GPU supports it, else fp16.
     """
+    import torch
+
     if device.type != "cuda" or mode == "off":
         return None
     if mode == "fp16":
@@ -45,4 +67,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """A context manager running the forward pass in ``dtype`` (a no-op when ``dtype`` is None)."""
     if dtype is None:
         return contextlib.nullcontext()
+    import torch
+
     return torch.autocast(device.type, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Run the engine as a child process (``python -m cmedl ...``), follow its progress and stop it.
+"""Run the engine as a child process (``python -m cmedl ...``) and follow its progress and outcome.
 
 The Slicer modules never run the engine inside Slicer's own interpreter: a crash, a stuck GPU call or a
 torch import that fails would take the whole application down, and a GUI must stay responsive. Instead they
@@ -8,13 +8,13 @@ start a child with ``--progress json`` and read the JSON-lines protocol of :mod:
   the last tick and reads :attr:`Job.stage` / :meth:`Job.fraction` for a progress bar; a script calls
   :meth:`Job.wait`. :meth:`Job.cancel` stops the whole process tree (the engine may have started workers).
 - :func:`start_detached` starts a child that outlives its parent (a training run keeps going while Slicer is
-  closed and reopened); its output goes to a log file. :func:`process_alive` and :func:`terminate_tree`
-  follow and stop it later, by pid, even from another process.
+  closed and reopened); its output goes to a log file. :mod:`cmedl.processes` follows and stops it later
+  (:func:`cmedl.processes.process_alive`, :func:`cmedl.processes.terminate_tree`), by pid, even from another
+  process.
 
-This module imports only the standard library and the engine's protocol and error modules: Slicer imports
-it before torch, numpy, SimpleITK or psutil are installed. ``psutil`` is imported where a process tree is
-stopped or its start time is read; :func:`process_alive` also answers without it, so that a fresh Slicer can
-list training runs before anything was installed.
+This module imports only the standard library and the engine's protocol, error and process modules: Slicer
+imports it before torch, numpy, SimpleITK or psutil are installed (:mod:`cmedl.processes` imports psutil only
+where a tree is stopped).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
+from cmedl.devices import DEFAULT_DEVICE, DEVICES
 from cmedl.errors import (
     CancelledError,
     CMEDLError,
@@ -44,12 +45,9 @@ from cmedl.errors import (
     OutputError,
     TrainingError,
 )
+from cmedl.processes import remember_detached, stop_child_tree
 from cmedl.progress import EVENT_DONE, EVENT_ERROR, EVENT_LOG, EVENT_PROGRESS, parse_event
 
-if TYPE_CHECKING:
-    import psutil
-
-DEVICES = ("auto", "cpu", "cuda")
 STDERR_TAIL_LINES = 200
 STDERR_TAIL_CHARS = 256 * 1024
 # A longer stderr line is cut to its start (where "cmedl: error:" would be), so one runaway line cannot push
@@ -77,11 +75,6 @@ _ERRORS_BY_CODE: dict[int, type[CMEDLError]] = {
 }
 _WINDOWS = sys.platform == "win32"
 
-# Detached children started by this process, by pid: polling their Popen reaps them once they exit, so they
-# do not linger as zombies that look alive, and it keeps their exit status.
-_DETACHED: dict[int, subprocess.Popen] = {}
-_DETACHED_LOCK = threading.Lock()
-
 
 # -- command and environment -------------------------------------------------------------------------
 
@@ -101,7 +94,7 @@ def engine_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def child_environment(device: str = "auto", base: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_environment(device: str = DEFAULT_DEVICE, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for an engine child: a copy of ``base`` (``os.environ`` by default) with
 
     - ``CUDA_VISIBLE_DEVICES=-1`` for ``device="cpu"``, so the child cannot even initialise a GPU (a busy or
@@ -126,238 +119,6 @@ def child_environment(device: str = "auto", base: Mapping[str, str] | None = Non
         entries = [str(root)] + [entry for entry in entries if Path(entry) != root]
         environment["PYTHONPATH"] = os.pathsep.join(entries)
     return environment
-
-
-# -- processes ---------------------------------------------------------------------------------------
-
-
-def process_create_time(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), or None when there is no such process.
-
-    Stored beside a pid, it lets :func:`process_alive` tell the process from a later one that got its pid.
-    """
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, ValueError):
-        return None
-
-
-def process_alive(pid: int, create_time: float | None = None) -> bool:
-    """Whether process ``pid`` is running; a zombie (exited, not yet reaped) is not.
-
-    With ``create_time`` (from :func:`process_create_time` when it was started) a process whose start time
-    differs by more than a second is another one that reused the pid, and the answer is False.
-    """
-    if pid <= 0:
-        return False
-    with _DETACHED_LOCK:
-        popen = _DETACHED.get(pid)
-    if popen is not None and popen.poll() is not None:
-        return False
-    try:
-        import psutil
-    except ImportError:
-        return _alive_without_psutil(pid)
-    try:
-        process = psutil.Process(pid)
-        try:
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.AccessDenied:
-            pass  # another user's process: it exists, and its start time below may still be readable
-        if create_time is not None:
-            try:
-                return abs(process.create_time() - create_time) <= 1.0
-            except psutil.AccessDenied:
-                return True
-        return True
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _alive_without_psutil(pid: int) -> bool:
-    """Whether ``pid`` runs, from the operating system alone (no start-time check: a reused pid reads alive)."""
-    if _WINDOWS:
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return kernel32.GetLastError() == 5  # access denied: it exists, it is somebody else's
-        try:
-            code = ctypes.c_ulong()
-            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        # Linux: an exited process that nobody has reaped yet is state Z, the field after the command name.
-        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace").rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
-
-
-def terminate_tree(pid: int, grace_seconds: float = 3.0, create_time: float | None = None) -> bool:
-    """Stop process ``pid`` and all its descendants; return whether any of them was running.
-
-    Every process first gets a polite request (SIGTERM; on Windows there is only TerminateProcess) and
-    ``grace_seconds`` to exit; those still running then are killed. A training run saves its state and marks
-    itself stopped when asked politely, so give it a longer grace. With ``create_time`` (as for
-    :func:`process_alive`) a process that merely reused the pid is left alone. Safe to call for a pid that
-    has exited: for a detached child of this process, processes it left behind in its session are stopped.
-    """
-    if pid == os.getpid():
-        raise ValueError("refusing to terminate the calling process itself")
-    with _DETACHED_LOCK:
-        popen = _DETACHED.get(pid)
-    if popen is not None and popen.poll() is not None:
-        return _stop_leftover_group(pid, grace_seconds)
-    if create_time is not None and not process_alive(pid, create_time):
-        return False
-    return _stop_tree(pid, popen, grace_seconds)
-
-
-def _stop_tree(pid: int, popen: subprocess.Popen | None, grace_seconds: float) -> bool:
-    """Stop process ``pid`` and its descendants (see :func:`terminate_tree`).
-
-    A child of this process is signalled and waited on through its ``popen``, which keeps its exit status
-    (reaping it behind the Popen's back would make it report 0).
-    """
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return False
-    # The descendants are collected before anything is stopped: once a parent has exited its children are
-    # re-parented and no longer found under it.
-    try:
-        descendants = root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    # The child's process group also reaches what it starts after the collection above, and orphans that
-    # left the tree but stayed in its session. Its leader has not been reaped yet, so the group id cannot
-    # name anybody else's group.
-    group = pid if _owns_process_group(pid) else None
-    if popen is not None:
-        return _stop_processes(descendants, grace_seconds, popen=popen, group=group)
-    return _stop_processes([root, *descendants], grace_seconds, group=group)
-
-
-def _stop_leftover_group(group: int, grace_seconds: float) -> bool:
-    """Stop what a finished detached child left running in its session (POSIX; nothing to do on Windows)."""
-    if _WINDOWS:
-        return False
-    import psutil
-
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == group and not _gone(process):
-                members.append(process)
-        except (OSError, psutil.Error):
-            continue
-    return _stop_processes(members, grace_seconds)
-
-
-def _stop_processes(
-    processes: list[psutil.Process],
-    grace_seconds: float,
-    popen: subprocess.Popen | None = None,
-    group: int | None = None,
-) -> bool:
-    """Ask ``processes`` (and ``popen``'s child, and process ``group``) to exit, kill what is left after the
-    grace period; return whether any of them was running."""
-
-    def finished(remaining: list[psutil.Process]) -> bool:
-        return (popen is None or popen.poll() is not None) and all(_gone(process) for process in remaining)
-
-    if finished(processes):
-        return False
-    _signal_group(group, signal.SIGTERM)
-    _signal(popen, processes, polite=True)
-    _wait_until(lambda: finished(processes), grace_seconds)
-
-    # Any member still alive keeps the group id reserved, so signalling it again cannot reach a stranger.
-    _signal_group(group, signal.SIGKILL if not _WINDOWS else signal.SIGTERM)
-    survivors = [process for process in processes if not _gone(process)]
-    _signal(popen, survivors, polite=False)
-    _wait_until(lambda: finished(survivors), 2.0)
-    return True
-
-
-def _owns_process_group(pid: int) -> bool:
-    """Whether ``pid`` leads a process group of its own (as children started here do), not the caller's."""
-    if _WINDOWS:
-        return False
-    try:
-        group = os.getpgid(pid)
-    except OSError:
-        return False
-    return group == pid and group != os.getpgrp()
-
-
-def _signal_group(group: int | None, signum: int) -> None:
-    if group is None:
-        return
-    try:
-        os.killpg(group, signum)
-    except OSError:
-        pass
-
-
-def _signal(popen: subprocess.Popen | None, processes: list[psutil.Process], polite: bool) -> None:
-    import psutil
-
-    if popen is not None and popen.poll() is None:
-        try:
-            if polite:
-                popen.terminate()
-            else:
-                popen.kill()
-        except OSError:
-            pass
-    for process in processes:
-        try:
-            # psutil refuses to signal a pid that now belongs to a newer process.
-            if polite:
-                process.terminate()
-            else:
-                process.kill()
-        except psutil.Error:
-            pass
-
-
-def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition`` for up to ``seconds``; return whether it became true."""
-    deadline = time.monotonic() + max(seconds, 0.0)
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL_INTERVAL)
-    return True
-
-
-def _gone(process: psutil.Process) -> bool:
-    import psutil
-
-    try:
-        # is_running() also compares start times, so a reused pid reads as gone.
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:
-        return False
 
 
 # -- results -----------------------------------------------------------------------------------------
@@ -450,7 +211,7 @@ class Job:
         cls,
         arguments: Sequence[str],
         python: str | None = None,
-        device: str = "auto",
+        device: str = DEFAULT_DEVICE,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
     ) -> Job:
@@ -472,7 +233,7 @@ class Job:
     def start_command(
         cls,
         command: Sequence[str],
-        device: str = "auto",
+        device: str = DEFAULT_DEVICE,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
     ) -> Job:
@@ -624,7 +385,7 @@ class Job:
             if self.process.poll() is not None:
                 return False
             self._cancelled = True
-        _stop_tree(self.process.pid, self.process, grace_seconds)
+        stop_child_tree(self.process, grace_seconds)
         return True
 
     def wait(
@@ -756,7 +517,7 @@ def start_detached(
     arguments: Sequence[str],
     log_path: str | os.PathLike[str],
     python: str | None = None,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
 ) -> int:
@@ -764,8 +525,8 @@ def start_detached(
 
     Its stdout and stderr are appended to ``log_path`` (its folder is created); it reads nothing and runs in
     a session (on Windows, a detached process group) of its own, so closing Slicer or the terminal does not
-    stop it. Keep the pid with :func:`process_create_time` to follow it with :func:`process_alive` and stop
-    it with :func:`terminate_tree`.
+    stop it. Keep the pid with :func:`cmedl.processes.process_create_time` to follow it with
+    :func:`cmedl.processes.process_alive` and stop it with :func:`cmedl.processes.terminate_tree`.
 
     Raises:
         OutputError: the log file cannot be written.
@@ -777,7 +538,7 @@ def start_detached(
 def start_detached_command(
     command: Sequence[str],
     log_path: str | os.PathLike[str],
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
 ) -> int:
@@ -809,9 +570,5 @@ def start_detached_command(
             )
     except OSError as error:
         raise ConfigError(f"cannot start {command[0]}: {error.strerror or error}") from error
-    with _DETACHED_LOCK:
-        # Entries of children that have exited are dropped here, so the table does not grow without bound.
-        for pid in [pid for pid, popen in _DETACHED.items() if popen.poll() is not None]:
-            del _DETACHED[pid]
-        _DETACHED[process.pid] = process
+    remember_detached(process)
     return process.pid

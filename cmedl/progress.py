@@ -35,6 +35,16 @@ EVENT_LOG = "log"
 EVENT_ERROR = "error"
 EVENT_DONE = "done"
 
+# The stages of one ``cmedl segment`` run in the order they come, and the share of the whole run each covers, so
+# that a parent's one progress bar (the Slicer panel's) runs from 0 to 100 % once.
+STAGE_READ, STAGE_LUNGS, STAGE_SEGMENT, STAGE_WRITE = "read", "lungs", "segment", "write"
+SEGMENT_STAGE_SPANS: dict[str, tuple[float, float]] = {
+    STAGE_READ: (0.0, 0.05),
+    STAGE_LUNGS: (0.05, 0.15),
+    STAGE_SEGMENT: (0.15, 0.95),
+    STAGE_WRITE: (0.95, 1.0),
+}
+
 
 class Progress:
     """Silent progress sink; the base class of all others.
@@ -139,6 +149,21 @@ class TextProgress(Progress):
         if self._stage:
             self.stream.write("\n")
             self._stage = ""
+
+
+def overall_fraction(
+    event: dict[str, Any] | None, spans: dict[str, tuple[float, float]] = SEGMENT_STAGE_SPANS
+) -> float | None:
+    """Share of a whole run done, in [0, 1], after a progress ``event`` (None before the first one).
+
+    ``spans`` gives each stage's share (default: a ``cmedl segment`` run's); a stage it lacks counts as the whole.
+    """
+    if not event or event.get("event") != EVENT_PROGRESS:
+        return None
+    start, end = spans.get(str(event.get("stage")), (0.0, 1.0))
+    total = max(int(event.get("total") or 0), 1)
+    done = min(max(int(event.get("done") or 0), 0), total)
+    return start + (end - start) * done / total
 
 
 def parse_event(line: str) -> dict[str, Any] | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ import SimpleITK as sitk
 from cmedl import __version__
 from cmedl.devices import resolve_device
 from cmedl.errors import InputError, OutputError
+from cmedl.filebase import file_sha256
 from cmedl.inference import OUTSIDE_BODY_HU, InferenceEngine, fast_path_enabled, tile_mode_from_env
 from cmedl.lesions import (
     LESIONS_SUFFIXES,
@@ -49,9 +49,10 @@ from cmedl.lesions import (
 )
 from cmedl.lungs import LpsOrder, LungDetection, detect_lungs
 from cmedl.modality import check_looks_like_ct
-from cmedl.modelfile import LoadedModel, file_sha256, load_model
+from cmedl.modelfile import LoadedModel, load_model
 from cmedl.patches import resize_slices
-from cmedl.progress import Progress
+from cmedl.progress import STAGE_LUNGS, STAGE_READ, STAGE_SEGMENT, STAGE_WRITE, Progress
+from cmedl.segment_options import SegmentOptions
 from cmedl.volumes import (
     LABELMAP_SUFFIXES,
     VOLUME_SUFFIXES,
@@ -67,76 +68,6 @@ CANONICAL_ORIENTATION = "LPS"
 # Test-time augmentation: identity, then mirrored left-right and front-back. Both mirror the chest onto a
 # plausible chest (head-foot would not: the network sees one axial slice and lungs are not symmetric that way).
 TTA_FLIPS = (None, "left_right", "anterior_posterior")
-# The options that change a result; device and batch size do not (batch resume compares these).
-RESULT_OPTIONS = (
-    "lung_threshold_hu",
-    "roi_margin_mm",
-    "probability_threshold",
-    "overlap",
-    "tta",
-    "min_lesion_ml",
-    "min_lesion_probability",
-)
-
-
-@dataclass
-class SegmentOptions:
-    """User-adjustable inference settings.
-
-    Attributes:
-        lung_threshold_hu: HU below which a voxel counts as air for lung detection.
-        roi_margin_mm: in-plane margin around the lungs' bounding box.
-        probability_threshold: tumour probability at or above which a voxel is labelled.
-        batch_size: patches per network call.
-        overlap: fraction by which neighbouring patches overlap.
-        device: ``auto`` (CUDA when usable, else CPU), ``cpu`` or ``cuda``.
-        force: segment even when the image does not look like CT.
-        tta: test-time augmentation: average over the slice as is, mirrored left-right and mirrored
-            front-back (three network passes); their standard deviation is the uncertainty.
-        min_lesion_ml: lesions smaller than this (mL) are removed from the result; 0 keeps all.
-        min_lesion_probability: lesions whose peak tumour probability is below this (0-1) are removed;
-            0 keeps all. Only values above ``probability_threshold`` can remove anything.
-    """
-
-    lung_threshold_hu: float = -300.0
-    roi_margin_mm: float = 30.0
-    probability_threshold: float = 0.5
-    batch_size: int = 4
-    overlap: float = 0.25
-    device: str = "auto"
-    force: bool = False
-    tta: bool = False
-    min_lesion_ml: float = 0.0
-    min_lesion_probability: float = 0.0
-
-    def validate(self) -> SegmentOptions:
-        """Refuse values inference cannot use, with one line (an :class:`InputError`, exit 3); returns self.
-
-        ``roi_margin_mm`` finite within 0-500 mm; ``lung_threshold_hu`` finite within -1000..0 HU (what lung
-        detection accepts); ``probability_threshold`` strictly between 0 and 1; ``batch_size`` an integer
-        from 1 to 4096 (larger batches only exhaust memory, after minutes); ``overlap`` within [0, 1).
-        Comparisons are written so that NaN fails them.
-        """
-        if not 0.0 <= self.roi_margin_mm <= 500.0:
-            raise InputError(f"ROI margin must be between 0 and 500 mm, got {self.roi_margin_mm!r}")
-        if not -1000.0 < self.lung_threshold_hu < 0.0:
-            raise InputError(f"lung threshold must be between -1000 and 0 HU, got {self.lung_threshold_hu!r}")
-        if not 0.0 < self.probability_threshold < 1.0:
-            raise InputError(f"probability threshold must be between 0 and 1, got {self.probability_threshold!r}")
-        batch = self.batch_size
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
-            raise InputError(f"batch size must be an integer from 1 to 4096, got {self.batch_size!r}")
-        if not 0.0 <= self.overlap < 1.0:
-            raise InputError(f"patch overlap must be at least 0 and below 1, got {self.overlap!r}")
-        if not (0.0 <= self.min_lesion_ml and math.isfinite(self.min_lesion_ml)):
-            raise InputError(f"minimum lesion volume must be 0 mL or more, got {self.min_lesion_ml!r}")
-        if not 0.0 <= self.min_lesion_probability <= 1.0:
-            raise InputError(f"minimum lesion probability must be between 0 and 1, got {self.min_lesion_probability!r}")
-        return self
-
-    def result_options(self) -> dict[str, Any]:
-        """The options that change the result (see :data:`RESULT_OPTIONS`), as plain values."""
-        return {key: getattr(self, key) for key in RESULT_OPTIONS}
 
 
 @dataclass
@@ -234,9 +165,9 @@ class Segmenter:
         options, card = self.options, self.model.card
         if not options.force:
             check_looks_like_ct(ct, name)
-        self.progress.update("lungs", 0, 1, "detecting lungs")
+        self.progress.update(STAGE_LUNGS, 0, 1, "detecting lungs")
         lungs = detect_lungs(ct, threshold_hu=options.lung_threshold_hu, margin_mm=options.roi_margin_mm, name=name)
-        self.progress.update("lungs", 1, 1, "detecting lungs")
+        self.progress.update(STAGE_LUNGS, 1, 1, "detecting lungs")
 
         # The CANONICAL_ORIENTATION (LPS) voxel order as views of the CT's array and of the outputs' arrays (which
         # are allocated in the CT's own order): DICOMOrient's reordering without copying a voxel.
@@ -333,7 +264,7 @@ class Segmenter:
                     yield (int(z), flip), np.ascontiguousarray(_flipped(pixels, flip))
 
         total = len(slices)
-        self.progress.update("segment", 0, total, "slices")
+        self.progress.update(STAGE_SEGMENT, 0, total, "slices")
         predictions = self.engine.predict(
             prepared(),
             num_classes=card.num_classes,
@@ -356,7 +287,7 @@ class Segmenter:
             if options.tta:
                 deviation = resize_slices(stack[:, 1].std(axis=0)[None], region_size)[0]
             done += 1
-            self.progress.update("segment", done, total, "slices")
+            self.progress.update(STAGE_SEGMENT, done, total, "slices")
             yield z, mean, deviation
 
 
@@ -462,12 +393,12 @@ def segment_to_files(
         raise InputError("an uncertainty map needs test-time augmentation (tta)")
     check_output_paths(input_path, output_path, lesions_path, probabilities_path, uncertainty_path)
     output_path = Path(output_path)
-    progress.update("read", 0, 1, "reading")
+    progress.update(STAGE_READ, 0, 1, "reading")
     ct = read_volume(input_path)
     record = provenance(model, options, input_path)
-    progress.update("read", 1, 1, "reading")
+    progress.update(STAGE_READ, 1, 1, "reading")
     result = segmenter.segment(ct, name=Path(input_path).name)
-    progress.update("write", 0, 1, "writing")
+    progress.update(STAGE_WRITE, 0, 1, "writing")
     header = provenance_header(record)
     summary: dict[str, Any] = {
         "input": str(input_path),
@@ -495,7 +426,7 @@ def segment_to_files(
             }
             write_lesions(lesions_path, result.lesions, record, table_summary)
             summary["lesions_file"] = str(lesions_path)
-    progress.update("write", 1, 1, "writing")
+    progress.update(STAGE_WRITE, 1, 1, "writing")
     result_summary = result.summary()
     lesions = result_summary.pop("lesions")
     summary.update(result_summary)

@@ -19,8 +19,9 @@ import torch
 
 from cmedl.devices import autocast_context, autocast_dtype, resolve_device
 from cmedl.errors import ConfigError, InputError, ModelFileError
+from cmedl.filebase import file_sha256
 from cmedl.modality import check_looks_like_ct
-from cmedl.modelfile import TRANSLATOR_KIND, ModelCard, PseudoMRIModel, file_sha256, load_weights, read_model_card
+from cmedl.modelfile import TRANSLATOR_KIND, ModelCard, PseudoMRIModel, load_weights, read_model_card
 from cmedl.nets import build_segmentor
 from cmedl.nets.cyclegan import build_translator
 from cmedl.patches import pad_to_at_least, resize_slices

@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cmedl.errors import InputError, OutputError
+from cmedl.filebase import PARTIAL_SUFFIX, default_file_mode, temp_file_beside
 from cmedl.imagefiles import ImageFileError, check_image_file
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -338,14 +339,6 @@ def _output_folder(path: Path) -> Path:
     return folder
 
 
-def _default_file_mode() -> int:
-    # Temporary files are created private (0600); the finished file gets the mode a plain open() would give.
-    # os.umask can only be read by setting it, so it is restored at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, on failure remove it.
@@ -354,18 +347,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     :class:`OutputSet` the rename waits for the end of the set.
     """
     path = Path(path)
-    folder = _output_folder(path)
-    suffix = suffix_of(path) or path.suffix
-    try:
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=folder)
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
-    os.close(handle)
-    temp = Path(temp_name)
+    _output_folder(path)
+    temp = temp_file_beside(path, suffix_of(path) or path.suffix)
     handed_over = False
     try:
         yield temp
-        os.chmod(temp, _default_file_mode())
+        os.chmod(temp, default_file_mode())
         outputs = _ACTIVE_OUTPUTS.get()
         if outputs is None:
             os.replace(temp, path)
@@ -478,7 +465,7 @@ def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
     """
     folder = _output_folder(path)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=folder))
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     handed_over = False

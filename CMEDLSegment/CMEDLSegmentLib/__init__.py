@@ -9,7 +9,6 @@
 - :mod:`.models`: the models the panel lists (a damaged catalogue file costs only its own entries).
 - :mod:`.lesion_nodes`: lesions in the scene (one segment per lesion, removing one, the probability overlay).
 - :mod:`.lesion_panel`: the panel's lesion table, kept on the segmentation node, and its row actions.
-- :mod:`.widgets`: filling the panel's combo boxes and table without importing Qt.
 
 This file imports nothing, so the module file can read the settings keys and help below when Slicer loads it.
 """

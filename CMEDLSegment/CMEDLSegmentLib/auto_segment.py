@@ -19,6 +19,7 @@ from vtkmodules.util.misc import calldata_type
 from vtkmodules.util.vtkConstants import VTK_OBJECT
 
 from cmedl.catalogue import BUILTIN_DEMO
+from cmedl.devices import DEFAULT_DEVICE
 from cmedl.errors import CMEDLError
 from cmedl.modality import ct_likelihood_report
 from CMEDLCommon.dependencies import missing_packages
@@ -70,7 +71,7 @@ def automatic_request(
     path, reason = models.ready_for_automatic(settings.text(MODEL_KEY, BUILTIN_DEMO))
     if path is None:
         return reason
-    settings_for_run = SegmentationSettings.from_panel(parameters, path, settings.text(DEVICE_KEY, "auto"))
+    settings_for_run = SegmentationSettings.from_panel(parameters, path, settings.text(DEVICE_KEY, DEFAULT_DEVICE))
     return RunRequest(node.GetID(), settings_for_run, automatic=True, volume_name=node.GetName())
 
 

@@ -157,7 +157,7 @@ class ModelActions:
             details=f"{entry.url}\nsha256 {entry.sha256}",
         ):
             return False
-        from cmedl.catalogue import download_model
+        from cmedl.downloads import download_model
         from cmedl.progress import CallbackProgress
 
         dialog = self.prompts.progress(f"Downloading {entry.name}...")
@@ -195,7 +195,8 @@ class ModelActions:
 
     def clear_cache(self) -> str:
         """Delete the downloaded models after a confirmation; the line for the status label (``""``: declined)."""
-        from cmedl.catalogue import cache_dir, clear_cache
+        from cmedl.catalogue import cache_dir
+        from cmedl.downloads import clear_cache
 
         if not self.prompts.confirm(f"Delete every downloaded model in {cache_dir()}? Models you registered are kept."):
             return ""

@@ -21,71 +21,66 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmedl.catalogue import peek_model_card
+from cmedl.devices import DEFAULT_DEVICE, DEVICES
 from cmedl.errors import CancelledError, InputError
+from cmedl.filebase import peek_model_card
 from cmedl.jobs import Job, JobResult
+from cmedl.progress import overall_fraction
+from cmedl.segment_options import SegmentOptions
 from CMEDLSegmentLib.lesion_nodes import add_probability_volume
 from CMEDLSegmentLib.lesion_panel import record_result
 from CMEDLSegmentLib.segmentation_nodes import SegmentStyle, WrittenSegment, write_mask_to_segment
 from CMEDLSegmentLib.volume_nodes import read_labelmap_on_grid, write_volume_node
 
-DEVICES = ("auto", "cuda", "cpu")
 # The hand-over folder's files besides the input and the labelmap.
 LESIONS_FILE = "lesions.json"
 PROBABILITIES_FILE = "probabilities.nrrd"
 
-# The share of a whole run each engine stage covers, so that one bar runs from 0 to 100 % once.
-STAGE_SPANS = {"read": (0.0, 0.05), "lungs": (0.05, 0.15), "segment": (0.15, 0.95), "write": (0.95, 1.0)}
-
-
-def overall_fraction(event: dict | None) -> float | None:
-    """Share of the whole run done, in [0, 1], after a progress event (None before the first one)."""
-    if not event or event.get("event") != "progress":
-        return None
-    start, end = STAGE_SPANS.get(str(event.get("stage")), (0.0, 1.0))
-    total = max(int(event.get("total") or 0), 1)
-    done = min(max(int(event.get("done") or 0), 0), total)
-    return start + (end - start) * done / total
+_DEFAULTS = SegmentOptions()
+# Parameter node field (the panel's) -> the SegmentOptions field of the same meaning, whose default it has.
+PANEL_FIELDS = {
+    "lungThreshold": "lung_threshold_hu",
+    "roiMargin": "roi_margin_mm",
+    "probabilityThreshold": "probability_threshold",
+    "batchSize": "batch_size",
+    "tta": "tta",
+    "minLesionMl": "min_lesion_ml",
+    "minLesionProbability": "min_lesion_probability",
+}
 
 
 @dataclass
 class SegmentationSettings:
-    """What the user chose in the panel (the engine's ``cmedl segment`` options)."""
+    """What the user chose in the panel: the engine's ``cmedl segment`` options (defaults: its
+    :class:`~cmedl.segment_options.SegmentOptions`), the model and whether to show the probability map."""
 
     model_path: Path
-    device: str = "auto"
-    lung_threshold_hu: float = -300.0
-    roi_margin_mm: float = 30.0
-    probability_threshold: float = 0.5
-    batch_size: int = 4
-    force: bool = False
-    tta: bool = False  # test-time augmentation: average over left-right and front-back flips
-    min_lesion_ml: float = 0.0  # lesions below this volume are dropped (0: keep all)
-    min_lesion_probability: float = 0.0  # lesions whose peak probability is below this are dropped (0: keep all)
+    device: str = DEFAULT_DEVICE
+    lung_threshold_hu: float = _DEFAULTS.lung_threshold_hu
+    roi_margin_mm: float = _DEFAULTS.roi_margin_mm
+    probability_threshold: float = _DEFAULTS.probability_threshold
+    batch_size: int = _DEFAULTS.batch_size
+    force: bool = _DEFAULTS.force
+    tta: bool = _DEFAULTS.tta
+    min_lesion_ml: float = _DEFAULTS.min_lesion_ml
+    min_lesion_probability: float = _DEFAULTS.min_lesion_probability
     probabilities: bool = False  # write the tumour probability map and add it to the scene
 
     @classmethod
     def from_panel(cls, parameters: Any, model_path: Path, device: str) -> SegmentationSettings:
         """The settings of a run from the panel's parameter node (its advanced values); None: the defaults.
 
-        An automatic run after a scene close may come before any parameter node exists again. The lesion and
-        overlay values are read only where the object has them (a script's stand-in may not), else default.
+        An automatic run after a scene close may come before any parameter node exists again. A value the object
+        lacks (a script's stand-in may hold only some of :data:`PANEL_FIELDS`) is the engine's default.
         """
         if parameters is None:
             return cls(model_path=model_path, device=device)
-        defaults = cls(model_path=model_path)
-        return cls(
-            model_path=model_path,
-            device=device,
-            lung_threshold_hu=float(parameters.lungThreshold),
-            roi_margin_mm=float(parameters.roiMargin),
-            probability_threshold=float(parameters.probabilityThreshold),
-            batch_size=int(parameters.batchSize),
-            tta=bool(getattr(parameters, "tta", defaults.tta)),
-            min_lesion_ml=float(getattr(parameters, "minLesionMl", defaults.min_lesion_ml)),
-            min_lesion_probability=float(getattr(parameters, "minLesionProbability", defaults.min_lesion_probability)),
-            probabilities=bool(getattr(parameters, "showProbability", defaults.probabilities)),
-        )
+        values = {
+            field: type(getattr(_DEFAULTS, field))(getattr(parameters, name, getattr(_DEFAULTS, field)))
+            for name, field in PANEL_FIELDS.items()
+        }
+        probabilities = bool(getattr(parameters, "showProbability", cls.probabilities))
+        return cls(model_path=model_path, device=device, probabilities=probabilities, **values)
 
     def command_arguments(
         self,

@@ -3,9 +3,8 @@
 - :mod:`.settings`: the panel's training values and data folders, turned into the engine's ``TrainConfig``.
 - :mod:`.parameters`: the parameter node's fields and the training settings they stand for.
 - :mod:`.start_from_model`: "Start from model" (fine-tuning): the models offered, and what choosing one does.
-- :mod:`.widgets`: filling the panel's combo boxes without importing Qt.
-- :mod:`.runs`: what a run folder says (state, epoch, losses, previews, the engine's error), without torch.
-- :mod:`.launcher`: starting, resuming, stopping a detached training process, and registering its model.
+- :mod:`.launcher`: starting a detached training run from the panel's values (reading, resuming, stopping runs
+  and registering their models is the engine's: :mod:`cmedl.training.runs`, :mod:`cmedl.training.launch`).
 - :mod:`.monitor`: following the selected run on timer ticks: its curves, the timer, stopping without waiting.
 - :mod:`.actions`: what the panel's buttons do, with the questions they ask.
 - :mod:`.plots`: the loss and validation Dice curves as table, plot series and chart nodes, updated in place.

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from cmedl.errors import CMEDLError, InputError
+from cmedl.training.launch import model_name_for, register_model, request_stop, resume_training
+from cmedl.training.runs import STOPPING, RunSnapshot
 from CMEDLCommon.dependencies import DependencyError, ensure_dependencies
 from CMEDLCommon.engine import engine_python
 from CMEDLCommon.prompts import Prompts
-from CMEDLTrainLib.launcher import model_name_for, register_model, request_stop, resume_training, start_training
-from CMEDLTrainLib.runs import STOPPING, RunSnapshot
+from CMEDLTrainLib.launcher import start_training
 from CMEDLTrainLib.settings import DataFolders, TrainingSettings, settings_problem
 
 

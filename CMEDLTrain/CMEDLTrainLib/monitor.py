@@ -1,7 +1,7 @@
 """Following the run the panel shows: one look per timer tick, its curves in the scene, and stopping it.
 
 :class:`RunMonitor` is what the panel's 2-second timer drives. Each :meth:`~RunMonitor.look` reads the run
-folder (:func:`~CMEDLTrainLib.runs.read_run`), updates the run's curves in the scene and says whether the
+folder (:func:`~cmedl.training.runs.read_run`), updates the run's curves in the scene and says whether the
 chart should be put into the view layout (once per run and scene), and keeps the timer running only while
 there is something to follow. It follows these rules, so that a run never disturbs the user elsewhere:
 
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmedl.training.runfolder import FAILED
+from cmedl.training.runs import INTERRUPTED, RunSnapshot, list_runs, read_launch_record, read_run, record_alive
 from CMEDLCommon.stopping import DONE, OVERDUE, StopSequence
-from CMEDLTrainLib.runs import RunSnapshot, list_runs, read_launch_record, read_run, record_alive
 
 FORCE_STOP_GRACE_SECONDS = 5.0
 _UNSEEN = object()  # the preview of a run just selected: whatever it is, the panel has not shown it
@@ -75,7 +76,7 @@ class Look:
     @property
     def show_log(self) -> bool:
         """A failed or interrupted run shows its log without being asked."""
-        return self.snapshot is not None and self.snapshot.state in ("failed", "interrupted")
+        return self.snapshot is not None and self.snapshot.state in (FAILED, INTERRUPTED)
 
 
 def _training_chart(scene: Any, run_path: str) -> Any:
@@ -85,7 +86,7 @@ def _training_chart(scene: Any, run_path: str) -> Any:
 
 
 def _kill_now(run_path: str) -> object:
-    from CMEDLTrainLib.launcher import kill_run
+    from cmedl.training.launch import kill_run
 
     return kill_run(run_path, grace_seconds=0.0)
 
@@ -109,8 +110,8 @@ class RunMonitor:
         timer: ticks :meth:`look` while a run is followed.
         chart_factory: ``chart_factory(scene, run_path)`` makes or finds the run's curve nodes
             (default: :class:`CMEDLTrainLib.plots.TrainingChart`).
-        read: reads a run folder (:func:`CMEDLTrainLib.runs.read_run`).
-        kill: stops a run's process tree at once (default: :func:`CMEDLTrainLib.launcher.kill_run`, no grace).
+        read: reads a run folder (:func:`cmedl.training.runs.read_run`).
+        kill: stops a run's process tree at once (default: :func:`cmedl.training.launch.kill_run`, no grace).
         alive: whether a run's process still runs.
         clock: monotonic seconds.
     """

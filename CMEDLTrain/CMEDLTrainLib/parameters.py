@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cmedl.devices import DEFAULT_DEVICE
 from CMEDLTrainLib.settings import RANDOM_VGG, TrainingSettings, paper_defaults, vgg_weights_note
 
 # Parameter node field -> TrainingSettings field.
@@ -58,7 +59,7 @@ def vgg_note(parameters: Any, vgg_path: str) -> str:
     return vgg_weights_note(vgg_weights(parameters.randomVgg, vgg_path)) if parameters.method == "cmedl" else ""
 
 
-def settings_from_parameters(parameters: Any, device: str = "auto", vgg_path: str = "") -> TrainingSettings:
+def settings_from_parameters(parameters: Any, device: str = DEFAULT_DEVICE, vgg_path: str = "") -> TrainingSettings:
     """A run's settings from the parameter node's values, the device and the VGG16 weights file chosen."""
     values = {field: getattr(parameters, name) for name, field in SETTINGS_FIELDS.items()}
     values["name"] = str(values["name"]).strip()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from CMEDLTrainLib.launcher import start_training, wait_for_run
-from CMEDLTrainLib.runs import RunSnapshot
+from cmedl.training.launch import wait_for_run
+from cmedl.training.runs import RunSnapshot
+from CMEDLTrainLib.launcher import start_training
 from CMEDLTrainLib.settings import DataFolders, TrainingSettings
 
 

@@ -29,9 +29,6 @@ from cmedl.memory import available_ram_bytes
 from cmedl.training.config import TrainConfig
 from cmedl.training.finetune import apply_init, fine_tuning_lr, implied_values, resolve_init
 
-SEGMENTORS = (("U-Net", "unet"), ("DenseFCN", "densefcn"), ("MRRN", "mrrn"))
-METHOD_CHOICES = (("CT only (no MRI)", "ct_only"), ("CMEDL (CT student, MRI teacher)", "cmedl"))
-DEVICES = ("auto", "cuda", "cpu")
 RANDOM_VGG = "random"
 VGG_RANDOM_NOTE = (
     "random: the contextual loss uses an untrained VGG16 instead of the ImageNet weights of the paper. Meant "

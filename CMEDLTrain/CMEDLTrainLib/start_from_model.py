@@ -21,12 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from cmedl.catalogue import SEGMENTOR_KIND, SOURCE_BUILTIN, SOURCE_USER, ModelEntry, list_models_tolerantly
+from cmedl.catalogue import SOURCE_BUILTIN, SOURCE_USER, ModelEntry, list_models_tolerantly
 from cmedl.errors import CMEDLError
+from cmedl.filebase import SEGMENTOR_KIND
 from CMEDLCommon.prompts import Prompts
+from CMEDLCommon.widgets import fill_combo
 from CMEDLTrainLib.parameters import EXTRA_FIELD, parameter_defaults, settings_from_parameters, write_settings
 from CMEDLTrainLib.settings import start_from_model
-from CMEDLTrainLib.widgets import fill_combo
 
 NONE_CHOICE = ("(none: train from scratch)", "")
 # Combo entries that ask for a path; their data cannot be a path, a catalogue name ([A-Za-z0-9._-]) or empty.

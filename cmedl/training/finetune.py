@@ -25,7 +25,6 @@ rest without it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmedl.errors import ConfigError, InputError, ModelFileError
+from cmedl.filebase import SEGMENTOR_KIND, file_sha256, peek_model_card
 from cmedl.training.config import TrainConfig
 from cmedl.training.runfolder import CYCLEGAN_FILE, MODEL_FILE, TRANSLATOR_FILE
 
@@ -75,7 +75,7 @@ class InitSource:
 
     def parent(self) -> dict[str, Any]:
         """The model card's ``parent`` record of a model fine-tuned from this source."""
-        record = {"name": self.name, "sha256": _sha256(self.model_path), "source": str(self.model_path.resolve())}
+        record = {"name": self.name, "sha256": file_sha256(self.model_path), "source": str(self.model_path.resolve())}
         if self.run_folder is not None:
             record["run"] = str(self.run_folder.resolve())
         return record
@@ -92,7 +92,7 @@ def resolve_init(init: str) -> InitSource:
         InputError: a folder without ``model.safetensors`` (not a run, or no epoch validated yet).
         ModelFileError: no such file or catalogue name, an unreadable file, or a model that is not a segmentor.
     """
-    from cmedl.catalogue import SEGMENTOR_KIND, peek_model_card, resolve_model
+    from cmedl.catalogue import resolve_model
 
     folder = Path(init).expanduser()
     run_folder, translator_path, translator_card = None, None, None
@@ -243,7 +243,6 @@ def initialise_networks(objective: Objective, source: InitSource) -> list[str]:
 
     The optimisers are left as they are (fresh): only weights are taken over.
     """
-    from cmedl.catalogue import peek_model_card
     from cmedl.modelfile import ModelCard, PseudoMRIModel, load_weights
 
     load_weights(source.model_path, objective.student, ModelCard.from_dict(source.card))
@@ -330,11 +329,3 @@ def fine_tuned_on_line(card: dict[str, Any]) -> str:
     if data.get("mr_folder"):
         text += f", MRI {data['mr_folder']} ({data.get('mr_cases', '?')} cases)"
     return text
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

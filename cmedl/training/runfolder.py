@@ -5,8 +5,10 @@ Layout of ``RUN/``::
     config.json        the resolved configuration (exact values used)
     run.json           engine/torch versions, seed, host, start time
     data.json          the training and validation cases (file paths)
-    status.json        state, epoch, best validation Dice, last losses, ETA (rewritten atomically)
-    metrics.jsonl      one JSON object per finished epoch: every loss term and validation Dice
+    status.json        state, what it is doing (stage: data, training or validation, and a message), epoch,
+                       best validation Dice, last losses, ETA (rewritten atomically)
+    metrics.jsonl      one JSON object per finished epoch: every loss term, validation Dice, seconds (and of
+                       them validation_seconds)
     checkpoint.pt      latest resumable state (networks, optimizers, RNG), written atomically
     model.safetensors  the best student as a model file (appears once the first epoch is validated)
     translator.safetensors  CMEDL: the CT->MR generator and the MRI teacher of that epoch (``cmedl translate``)
@@ -14,8 +16,8 @@ Layout of ``RUN/``::
     train.log          what the run printed
     run.lock           while a process trains in the folder: its pid, host and start time
 
-The Slicer module and ``cmedl jobs`` poll ``status.json`` and ``metrics.jsonl``; they never need to talk
-to the training process.
+CMEDL Train and ``cmedl runs`` read ``status.json`` and ``metrics.jsonl`` (:mod:`cmedl.training.runs`); they
+never need to talk to the training process.
 
 One process at a time: :meth:`RunFolder.claim` creates ``run.lock`` atomically (``O_CREAT | O_EXCL``) before
 anything else is written, and a second claim is refused while the owner lives. A lock whose owner is gone

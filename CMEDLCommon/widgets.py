@@ -1,8 +1,11 @@
-"""Putting values into the panel's Qt widgets without importing Qt: any object with the methods Qt's have will do.
+"""Putting values into the panels' Qt widgets without importing Qt: any object with the methods Qt's have will do.
 
-The panel hands its ``QComboBox`` and ``QTableWidget`` (and ``qt.QTableWidgetItem`` to make cells); a test hands
-small stand-ins. Both helpers leave a widget alone when it already shows the values, so that refreshing on
+A panel hands its ``QComboBox`` or ``QTableWidget`` (and ``qt.QTableWidgetItem`` to make cells); a test hands
+small stand-ins. The helpers leave a widget alone when it already shows the values, so that refreshing on
 every parameter change keeps the user's selection.
+
+The device list is the engine's (:data:`cmedl.devices.DEVICE_CHOICES`), read when a panel is built: importing
+this module imports the standard library only, like the rest of this package.
 """
 
 from __future__ import annotations
@@ -21,6 +24,18 @@ def fill_combo(selector: Any, items: list[tuple[str, Any]], select: Any) -> None
             selector.addItem(text, data)
     selector.setCurrentIndex(max(0, selector.findData(select)))
     selector.blockSignals(was_blocked)
+
+
+def device_items() -> list[tuple[str, str]]:
+    """The devices a run can use, as ``(label, name)`` combo items: the engine's list, in its order."""
+    from cmedl.devices import DEVICE_CHOICES
+
+    return list(DEVICE_CHOICES)
+
+
+def fill_device_combo(selector: Any, device: str) -> None:
+    """Show the engine's devices in ``selector`` and select ``device`` (an unknown one selects the default)."""
+    fill_combo(selector, device_items(), device)
 
 
 def fill_table(table: Any, rows: list[tuple[str, ...]], make_item: Callable[[str], Any]) -> None:

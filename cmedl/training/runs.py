@@ -1,7 +1,8 @@
 """What a run folder says about its run, read without torch and without talking to the training process.
 
-Besides the engine's files (``status.json``, ``metrics.jsonl``, ``previews/``, ``model.safetensors``,
-``checkpoint.pt``; see :mod:`cmedl.training.runfolder`) the panel's launcher leaves three of its own:
+Besides the trainer's files (``status.json``, ``metrics.jsonl``, ``previews/``, ``model.safetensors``,
+``checkpoint.pt``; see :mod:`cmedl.training.runfolder`) a run started detached (:mod:`cmedl.training.launch`:
+the Slicer panel's runs) has three more:
 
     launch.json    the configuration the run was started with (``cmedl train --config launch.json``)
     launcher.json  the process it started: pid, start time, command, mode (start or resume), log offset
@@ -9,7 +10,8 @@ Besides the engine's files (``status.json``, ``metrics.jsonl``, ``previews/``, `
 
 :func:`read_run` combines them into a :class:`RunSnapshot`: whether the process still runs (pid and its
 start time, so a reused pid is not mistaken for the run), the state, the latest epoch, losses, previews,
-and for a failed run the engine's one-line error. Nothing here writes to the folder.
+and for a failed run the engine's one-line error. :func:`list_runs` finds the runs of a folder; ``cmedl runs``
+and CMEDL Train list them with these. Nothing here writes to the folder.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cmedl.errors import CMEDLError
-from cmedl.jobs import process_alive
+from cmedl.processes import process_alive
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
 
 LAUNCH_CONFIG = "launch.json"
@@ -57,6 +59,11 @@ class RunSnapshot:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def method(self) -> str:
+        """The run's training method (``ct_only`` or ``cmedl``; ``""`` when its configuration is unreadable)."""
+        return str(self.config.get("method", ""))
 
     @property
     def running(self) -> bool:
