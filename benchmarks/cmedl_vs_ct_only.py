@@ -198,6 +198,7 @@ def train_config(args: argparse.Namespace, arm: str, seed: int, data: Path, out:
         "ct": str(data / "train" / "ct"),
         "validation": str(data / "val" / "ct"),
         "validation_max_cases": args.val,
+        "validation_slices_per_case": 0,  # every slice, as when the committed results were trained: reproducible
         "out": str(out),
         "segmentor": "unet",
         "segmentor_options": {"base_channels": args.base_channels},
@@ -279,6 +280,8 @@ def log(message: str) -> None:
 
 
 def comparable(config: dict[str, Any]) -> str:
+    # A config.json written before validation sampling existed scored every slice.
+    config = {"validation_slices_per_case": 0, **config}
     return json.dumps(TrainConfig.from_dict(config).to_dict(), sort_keys=True, default=str)
 
 

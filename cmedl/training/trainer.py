@@ -1,9 +1,11 @@
 """The training loop shared by every method: data, validation, early stopping, checkpoints, resume.
 
 One :class:`Trainer` runs one run folder. Each epoch it takes ``iterations_per_epoch`` steps of the
-method's objective on random patches, validates the student on held-out CT (3D Dice over the tumour's
-slices), appends the epoch to ``metrics.jsonl``, rewrites ``status.json``, writes a checkpoint atomically
-and, when validation Dice improved, exports the student as ``model.safetensors``.
+method's objective on random patches, validates the student on held-out CT (3D Dice on a fixed sample of each
+case's lung and tumour slices, ``validation_slices_per_case``; see :meth:`Trainer._validate`), appends the epoch to
+``metrics.jsonl`` (with the seconds it took and, of them, the validation's), rewrites ``status.json`` (whose
+``stage`` says whether it is training or validating), writes a checkpoint atomically and, when validation Dice
+improved, exports the student as ``model.safetensors``.
 
 One process trains in a run folder at a time: rank 0 claims it (``run.lock``, :meth:`RunFolder.claim`) before
 anything is written and gives it back when the run ends, however it ends. A folder whose run never finished an
@@ -32,12 +34,13 @@ model, so a resumed run still names it in the model cards it exports.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +52,8 @@ from PIL import Image
 from cmedl import __version__, interrupts
 from cmedl.devices import autocast_dtype, resolve_device
 from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, OutputError, TrainingError
+from cmedl.inference import InferenceEngine, fast_path_enabled
 from cmedl.memory import available_ram_bytes
-from cmedl.metrics import dice
 from cmedl.modelfile import ModelCard, save_model
 from cmedl.patches import crop_centered, predict_slices
 from cmedl.progress import Progress
@@ -60,11 +63,14 @@ from cmedl.training.config import TrainConfig
 from cmedl.training.data import (
     PatchSampler,
     PreparedVolume,
+    ValidationSample,
     attach_paired,
     draw_batch,
     find_cases,
     prepare_volume,
     split_cases,
+    validation_sample,
+    weighted_dice,
 )
 from cmedl.training.finetune import InitSource, check_init, init_log_lines, initialise_networks, resolve_init
 from cmedl.training.objectives import Objective, build_objective
@@ -151,6 +157,9 @@ class Trainer:
         run = RunFolder(run_path)
         run.check_is_run_folder()
         data = run.read_json("config.json")
+        # A run started before validation sampling existed scored every slice: it keeps doing so, so that its
+        # epochs stay comparable (an override may still change it).
+        data.setdefault("validation_slices_per_case", 0)
         data.update({key: value for key, value in overrides.items() if value is not None})
         data["out"] = str(run_path)
         return cls(TrainConfig.from_dict(data), progress=progress, resume=True)
@@ -376,6 +385,7 @@ class Trainer:
                 "state": RUNNING,
                 "pid": os.getpid(),
                 "world_size": distributed.world_size(),
+                "stage": "data",
                 "message": "preparing data",
                 "updated": _now(),
             }
@@ -424,6 +434,8 @@ class Trainer:
         if "mr" in objective.domains:
             samplers["mr"] = PatchSampler(datasets.mr, config.patch_size, config.tumour_patch_fraction, augment, rng)
         preview_images = self._preview_patches(validation or training) if self.main else torch.zeros(0)
+        # Drawn once: every epoch (and every resume) scores the same slices.
+        validation_samples = self._validation_samples(validation) if self.main else []
         first_epoch, best_dice, best_epoch, stale_epochs = 1, -math.inf, 0, 0
         # A checkpoint written by a stop in the middle of an epoch continues that epoch.
         first_iteration, carried_sums = 1, {}
@@ -472,6 +484,7 @@ class Trainer:
         epochs_this_session = 0
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_started = time.monotonic()
+            self._write_stage("training", f"training epoch {epoch}/{config.epochs}")
             steps = self._train_epoch(objective, samplers, epoch, first_iteration, carried_sums)
             first_iteration, carried_sums = 1, {}
             if steps.stopped:
@@ -494,8 +507,13 @@ class Trainer:
                     return self._finish(ending_state, ending)
                 objective.end_epoch()
                 continue
+            validation_started = time.monotonic()
             try:
-                validation_dice = self._validate(objective.student, validation, epoch) if validation else float("nan")
+                validation_dice = (
+                    self._validate(objective.student, validation, validation_samples, epoch)
+                    if validation
+                    else float("nan")
+                )
             except _ValidationStoppedError:
                 # The epoch's training is complete but not yet validated: a resume validates it first. The
                 # learning-rate schedules have not moved on yet (end_epoch comes after validation).
@@ -505,6 +523,7 @@ class Trainer:
                 )
                 distributed.broadcast_object((self.status, STOPPED, message))
                 return self._finish(STOPPED, message)
+            validation_seconds = round(time.monotonic() - validation_started, 3)
             self._write_preview(objective, preview_images, epoch)
             # Without validation cases the latest student is the best we know.
             score = validation_dice if validation else float(epoch)
@@ -518,6 +537,8 @@ class Trainer:
                 **{f"loss_{name}": value for name, value in losses.items()},
                 "validation_dice": validation_dice,
                 "seconds": round(time.monotonic() - epoch_started, 3),
+                # Of those, the validation's (the rest is training, the preview and the epoch's files).
+                "validation_seconds": validation_seconds,
                 "time": _now(),
             }
             self.run.append_metrics(record)
@@ -532,6 +553,7 @@ class Trainer:
                 "state": RUNNING,
                 "pid": os.getpid(),
                 "world_size": distributed.world_size(),
+                "stage": "training",
                 "epoch": epoch,
                 "epochs": config.epochs,
                 "iteration": config.iterations_per_epoch,
@@ -595,35 +617,51 @@ class Trainer:
             totals[name] = totals.get(name, 0.0) + value
         return EpochSteps(totals, finished, finished - first_iteration + 1, stopped)
 
-    def _validate(self, network: torch.nn.Module, volumes: list[PreparedVolume], epoch: int = 0) -> float:
-        """Mean 3D Dice over validation cases, on every slice inference would see (the lung slices, and the
-        tumour's), so false positives at the lung bases and apices count against a model.
+    def _validation_samples(self, volumes: list[PreparedVolume]) -> list[ValidationSample]:
+        """The slices each validation case is scored on, drawn once per run (:func:`validation_sample`); logged."""
+        count = self.config.validation_slices_per_case
+        samples = [validation_sample(volume, count, self.config.seed) for volume in volumes]
+        if samples:
+            scored = sum(len(sample.slices) for sample in samples)
+            available = sum(sample.range_slices for sample in samples)
+            how = "every slice" if scored == available else f"a fixed sample of at most {count} slices per case"
+            self._log(f"validation: {len(samples)} case(s), {scored} of {available} slices ({how})")
+        return samples
 
-        A stop request is looked at before every slice (raising :class:`_ValidationStoppedError`): at a fine
-        spacing one case alone can take minutes.
+    def _validate(
+        self,
+        network: torch.nn.Module,
+        volumes: list[PreparedVolume],
+        samples: list[ValidationSample],
+        epoch: int = 0,
+    ) -> float:
+        """Mean over validation cases of the 3D Dice on each case's sample of slices (pooled as one volume,
+        weighted by what each slice stands for: :func:`weighted_dice`). The sample spreads over every slice
+        inference would see (the lung slices, and the tumour's), so false positives at the lung bases and apices
+        count against a model.
+
+        Progress: stage ``validation``, one unit per scored slice; ``status.json`` says the run is validating. A
+        stop request is looked at before every slice (raising :class:`_ValidationStoppedError`): at a fine spacing
+        one case alone can take minutes.
         """
-        network.eval()
-        ranges = []
-        for volume in volumes:
-            seen = np.union1d(volume.context_slices, volume.tumour_slices)
-            ranges.append((int(seen.min()), int(seen.max()) + 1))
-        total = sum(high - low for low, high in ranges)
+        total = sum(len(sample.slices) for sample in samples)
+        self._write_stage("validation", f"validating epoch {epoch}/{self.config.epochs} ({total} slices)")
+        predict = validation_predictor(network, self.device, self.config.amp)
         done = 0
         scores = []
-        for volume, (low, high) in zip(volumes, ranges):
+        for volume, sample in zip(volumes, samples):
 
-            def slices(volume: PreparedVolume = volume, low: int = low, high: int = high):
+            def slices(volume: PreparedVolume = volume, sample: ValidationSample = sample):
                 nonlocal done
-                for z in range(low, high):
+                for index, z in enumerate(sample.slices):
                     if self._should_stop():
                         raise _ValidationStoppedError
                     self._report("validation", done, total, f"epoch {epoch}")
                     done += 1
-                    yield z, volume.image[z].astype(np.float32)
+                    yield index, volume.image[z].astype(np.float32)
 
-            predicted = np.zeros((high - low,) + volume.image.shape[1:], dtype=bool)
-            for z, probabilities in predict_slices(
-                network,
+            predicted = np.zeros((len(sample.slices),) + volume.image.shape[1:], dtype=bool)
+            for index, probabilities in predict(
                 slices(),
                 num_classes=2,
                 patch=self.config.patch_size,
@@ -631,14 +669,19 @@ class Trainer:
                 # Inference results do not depend on the batch (BatchNorm uses its running statistics), and
                 # batches of 8 or more tiles run about twice as fast as training's small batches on a CPU.
                 batch_size=max(VALIDATION_MIN_BATCH, self.config.batch_size),
-                device=self.device,
             ):
-                predicted[z - low] = probabilities[1] >= 0.5
-            score = dice(predicted, volume.label[low:high] > 0)
+                predicted[index] = probabilities[1] >= 0.5
+            score = weighted_dice(predicted, volume.label[sample.slices] > 0, sample.weights)
             if not math.isnan(score):
                 scores.append(score)
         self._report("validation", total, total, f"epoch {epoch}")
         return float(np.mean(scores)) if scores else float("nan")
+
+    def _write_stage(self, stage: str, message: str) -> None:
+        """Rank 0: ``status.json`` says what the run is doing now (``stage`` ``training`` or ``validation``)."""
+        if self.main:
+            self.status = {**self.status, "stage": stage, "message": message, "updated": _now()}
+            self.run.write_status(self.status)
 
     def _preview_patches(self, volumes: list[PreparedVolume], count: int = 3) -> torch.Tensor:
         """Fixed CT patches ``(N, 1, P, P)`` through the middle of the first tumours, shown every epoch."""
@@ -732,6 +775,7 @@ class Trainer:
 
     def _finish(self, state: str, message: str) -> dict[str, Any]:
         self.status = {**self.status, "state": state, "message": message, "pid": os.getpid(), "updated": _now()}
+        self.status.pop("stage", None)  # the state says it: nothing runs any more
         if self.main and self.run.path.is_dir():
             try:
                 self.run.write_status(self.status)
@@ -755,6 +799,33 @@ class Trainer:
                     handle.write(f"{_now()} {message}\n")
             except OSError:
                 pass  # the log is a copy of what was reported; a full disk shows in the run's other files
+
+
+def validation_predictor(
+    network: torch.nn.Module, device: torch.device, amp: str = "auto", fast: bool | None = None
+) -> Callable[..., Iterator[tuple[Any, np.ndarray]]]:
+    """What validation runs the student with: ``predict(slices, num_classes, patch, overlap, batch_size)``, yielding
+    ``(key, probabilities)`` as :func:`cmedl.patches.predict_slices` does.
+
+    The fast path (``fast`` None: unless ``CMEDL_FAST_PATH=0``) is :class:`cmedl.inference.InferenceEngine`'s, on
+    training-size tiles so that the score is that of ``cmedl segment``: a copy of ``network`` with its BatchNorm
+    folded, in channels_last, made here and dropped with the returned function; the same probabilities as
+    ``network`` in evaluation mode to float tolerance. Reduced precision only where the hardware runs it natively
+    (:func:`cmedl.inference.choose_precision`), and never with ``amp`` ``off``. The reference path is ``network``
+    itself in evaluation mode, in fp32. ``network`` keeps its weights either way.
+    """
+    if not (fast_path_enabled() if fast is None else fast):
+        network.eval()
+        return functools.partial(predict_slices, network, device=device)
+    engine = InferenceEngine(
+        network,
+        device,
+        precision_mode="fp32" if amp == "off" else "auto",
+        tiles="training",
+        # The count training runs with: the engine must not choose its own in the middle of a run.
+        threads=torch.get_num_threads(),
+    )
+    return engine.predict
 
 
 def _config_differences(saved: dict[str, Any], config: TrainConfig, shown: int = 3) -> str:
