@@ -315,6 +315,9 @@ def _worker(ct: str, taken: str) -> None:
         _check_gradients(rank)
         _check_refusal(rank, ct, taken)
         _check_shared_failure(rank)
+        # Both ranks leave together: gloo can abort a process ("terminate called without an active exception")
+        # when its peer tears the group down while it is still finishing its last collective.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
