@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -148,3 +151,16 @@ class FakeCombo:
     def setCurrentIndex(self, index: int) -> None:  # noqa: N802 -- Qt's name
         assert self.blocked, "filled without its signals"
         self.current = index
+
+
+def oblique_ct(shape: tuple[int, int, int]) -> sitk.Image:
+    """An air-filled CT of ``shape`` (K, J, I) with anisotropic spacing, an oblique direction and an offset origin:
+    the geometry lesion measurements and scene placement must carry through."""
+    a, b = math.radians(25), math.radians(7)
+    about_z = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    about_x = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    image = sitk.GetImageFromArray(np.full(shape, -800, dtype=np.int16))
+    image.SetSpacing((0.8, 1.1, 2.5))
+    image.SetDirection(tuple((about_x @ about_z).flatten()))
+    image.SetOrigin((-31.5, 12.25, -140.0))
+    return image

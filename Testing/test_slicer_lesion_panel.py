@@ -8,7 +8,6 @@ per lesion and shows or hides the overlay. The Qt half (the table widget, the bu
 
 from __future__ import annotations
 
-import math
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import oblique_ct as oblique_ct_of_shape
 from conftest import parameter_node_values
 
 from cmedl import cli
@@ -31,14 +31,7 @@ SHAPE = (20, 48, 56)  # (K, J, I)
 
 
 def oblique_ct() -> sitk.Image:
-    a, b = math.radians(25), math.radians(7)
-    about_z = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    about_x = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
-    image = sitk.GetImageFromArray(np.full(SHAPE, -800, dtype=np.int16))
-    image.SetSpacing((0.8, 1.1, 2.5))
-    image.SetDirection(tuple((about_x @ about_z).flatten()))
-    image.SetOrigin((-31.5, 12.25, -140.0))
-    return image
+    return oblique_ct_of_shape(SHAPE)
 
 
 def three_lesions() -> np.ndarray:

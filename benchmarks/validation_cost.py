@@ -15,7 +15,7 @@ phantoms at 128 px, 125 iterations per epoch) and ``readme`` (the README's small
 Usage::
 
     python benchmarks/validation_cost.py                       # tiny, one torch thread, in a temporary folder
-    python benchmarks/validation_cost.py --preset readme --epochs 1 --out /tmp/validation_cost
+    python benchmarks/validation_cost.py --preset readme --epochs 1 --out OUT
     python benchmarks/validation_cost.py --slices 0,24,48      # compare several sample sizes
 """
 
