@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from cmedl.errors import OutputError
 from cmedl.lesions import (
@@ -168,6 +169,26 @@ def test_location_from_what_the_lesion_touches() -> None:
     assert (by_position[92].location, by_position[92].contact_side) == ("chest_wall", "lateral")
     assert by_position[49].location == "outside_lung_mask" and by_position[49].lung_fraction == 0.0
     assert {lesion.location for lesion in find_lesions(mask, None, image)} == {"unknown"}
+
+
+def test_the_lungs_hull_from_row_ends_is_the_hull_of_every_lung_pixel() -> None:
+    """The hull is built from each row's first and last lung pixel; it must hold exactly the points that the
+    hull of every lung pixel holds (irregular masks with holes, concave sides and single-pixel rows)."""
+    from scipy.spatial import ConvexHull
+
+    from cmedl.lesions import _LungHulls
+
+    rng = np.random.default_rng(5)
+    corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    for _ in range(20):
+        plane = ndimage.binary_opening(rng.random((40, 50)) < rng.uniform(0.2, 0.7))
+        plane[rng.integers(40), rng.integers(50)] = True  # at least one pixel, sometimes a lone one
+        every = np.argwhere(plane)
+        reference = ConvexHull((every[:, None, :] + corners).reshape(-1, 2)).equations
+        hulls = _LungHulls(plane[None].astype(np.uint8), axial_axis=2)
+        queries = np.column_stack([np.zeros(4000), rng.uniform(-2, 42, 4000), rng.uniform(-2, 52, 4000)])
+        expected = np.all(queries[:, 1:] @ reference[:, :2].T + reference[:, 2] <= 1e-9, axis=1)
+        np.testing.assert_array_equal(hulls.between(queries), expected)
 
 
 @pytest.fixture(scope="module")

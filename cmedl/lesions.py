@@ -315,6 +315,19 @@ def measure_recist(lesion_mask: np.ndarray, grid: _Grid, offset_zyx: Sequence[in
 # -- location -------------------------------------------------------------------------------------------
 
 
+def _row_ends(plane: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` (row, column) of the first and last set pixel of every row of a 2D boolean ``plane``.
+
+    The convex hull of a set of pixels is that of these ends (the pixels between two ends of a row lie on the
+    segment joining them), so the hull is built from two points per row instead of every lung pixel.
+    """
+    rows = np.flatnonzero(plane.any(axis=1))
+    held = plane[rows]
+    first = held.argmax(axis=1)
+    last = plane.shape[1] - 1 - held[:, ::-1].argmax(axis=1)
+    return np.concatenate([np.stack([rows, first], axis=1), np.stack([rows, last], axis=1)])
+
+
 class _LungHulls:
     """Per axial slice, the convex hull of the lung mask: the region "between the lungs".
 
@@ -331,7 +344,7 @@ class _LungHulls:
     def _hull(self, t: int) -> np.ndarray | None:
         """The hull's half-planes ``(a, b, c)``, inside where ``a * row + b * column + c <= 0``; None if flat."""
         if t not in self._hulls:
-            points = np.argwhere(np.asarray(np.take(self.lung, t, axis=self.axial_np)) != 0)
+            points = _row_ends(np.asarray(np.take(self.lung, t, axis=self.axial_np)) != 0)
             try:
                 # Pixel corners rather than centres: the hull then holds every lung pixel entirely.
                 corners = (points[:, None, :] + np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]))
