@@ -300,6 +300,27 @@ def test_atomic_output_removes_the_temporary_file_when_the_writer_raises(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_output_is_flushed_to_disk_under_its_temporary_name_before_the_rename(tmp_path, monkeypatch):
+    """A crash just after the rename must not leave the final name on bytes that never reached the disk."""
+    import os
+
+    from cmedl import filebase
+
+    flushed: list[tuple[str, bool, int]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{descriptor}")
+        flushed.append((Path(name).name, (tmp_path / "vol.nii.gz").exists(), os.fstat(descriptor).st_size))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(filebase.os, "fsync", recording_fsync)
+    write_volume(_image(_mr()), tmp_path / "vol.nii.gz")
+    assert len(flushed) == 1
+    name, final_existed, size = flushed[0]
+    assert ".partial" in name and not final_existed and size == (tmp_path / "vol.nii.gz").stat().st_size > 0
+
+
 def test_successful_writes_leave_no_temporary_files(tmp_path):
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         write_volume(_image(_mr()), tmp_path / f"vol{suffix}")

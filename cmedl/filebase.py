@@ -265,6 +265,16 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def flush_to_disk(path: Path) -> None:
+    """Make the file's bytes durable before it is renamed into place (raises ``OSError``).
+
+    Without it, a crash or power loss soon after the rename can leave the final name on an empty or torn file,
+    which would then look finished.
+    """
+    with open(path, "r+b") as handle:  # writable: Windows refuses to flush a read-only handle
+        os.fsync(handle.fileno())
+
+
 @contextlib.contextmanager
 def atomic_write(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; when the block completes, put the file in place under ``target``.
@@ -278,8 +288,7 @@ def atomic_write(target: Path) -> Iterator[Path]:
     try:
         yield temp
         try:
-            with open(temp, "r+b") as handle:  # writable: Windows refuses to flush a read-only handle
-                os.fsync(handle.fileno())
+            flush_to_disk(temp)
             os.chmod(temp, default_file_mode())
             os.replace(temp, target)
         except OSError as error:

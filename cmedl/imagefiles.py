@@ -99,10 +99,24 @@ def _check_nifti(path: Path) -> None:
 
 
 def _check_nifti_gz(path: Path) -> None:
-    head, total = _inflated(path, 0, wbits=31, keep=540)
-    header = _nifti_header(head)
+    _inflated_nifti_gz(path, keep_all=False)
+
+
+def inflate_nifti_gz(path: str | Path) -> bytearray | None:
+    """The whole decompressed content of a ``.nii.gz`` (header, extensions and voxels), checked as
+    :func:`check_image_file` checks it: :class:`ImageFileError` when the stream is damaged or cut off, when it
+    holds fewer bytes than the header promises, or when the header's geometry is unusable. None when the
+    content is not a NIfTI-1 or NIfTI-2 file (nothing is checked then). The caller gets the voxels from the same
+    single decompression that checks them.
+    """
+    return _inflated_nifti_gz(Path(path), keep_all=True)
+
+
+def _inflated_nifti_gz(path: Path, keep_all: bool) -> bytearray | None:
+    content, total = _inflated(path, 0, wbits=31, keep=-1 if keep_all else 540)
+    header = _nifti_header(bytes(content[:540]))
     if header is None:
-        return
+        return None
     if header.problem:
         raise ImageFileError(header.problem)
     if header.voxel_bytes is not None and total < header.voxel_offset + header.voxel_bytes:
@@ -110,6 +124,7 @@ def _check_nifti_gz(path: Path) -> None:
             f"the file is truncated: it decompresses to {total} bytes where its NIfTI header promises "
             f"{header.voxel_offset + header.voxel_bytes}"
         )
+    return content
 
 
 def _nifti_header(raw: bytes) -> _NiftiHeader | None:
@@ -304,10 +319,11 @@ def _require_length(data_file: Path, needed: int, header: Path) -> None:
         raise ImageFileError(f"the file is truncated{where}: {have} bytes where its header promises {needed}")
 
 
-def _inflated(path: Path, offset: int, wbits: int, keep: int = 0) -> tuple[bytes, int]:
-    """Decompress ``path`` from ``offset`` to the end of its (gzip or zlib) stream without keeping it.
+def _inflated(path: Path, offset: int, wbits: int, keep: int = 0) -> tuple[bytearray, int]:
+    """Decompress ``path`` from ``offset`` to the end of its (gzip or zlib) stream, keeping at most ``keep`` bytes.
 
-    Returns the first ``keep`` decompressed bytes and the decompressed length. A stream that ends early or
+    Returns the first ``keep`` decompressed bytes (all of them when ``keep`` is negative) and the decompressed
+    length. A stream that ends early or
     fails its checksum raises :class:`ImageFileError`. Several gzip members one after the other (what
     ``cat a.gz b.gz`` makes) are read as one stream, as gzip readers do.
     """
@@ -325,13 +341,15 @@ def _inflated(path: Path, offset: int, wbits: int, keep: int = 0) -> tuple[bytes
                     # max_length bounds memory: a block of a very compressible image inflates a thousandfold.
                     out = decompressor.decompress(block, 1 << 24)
                     total += len(out)
-                    if len(head) < keep:
+                    if keep < 0:
+                        head += out
+                    elif len(head) < keep:
                         head += out[: keep - len(head)]
                     block = decompressor.unconsumed_tail
                     if decompressor.eof:
                         rest = decompressor.unused_data
                         if wbits != 31 or not rest.startswith(b"\x1f\x8b"):
-                            return bytes(head), total
+                            return head, total
                         decompressor = zlib.decompressobj(wbits)
                         block = rest + block
     except zlib.error as error:
@@ -340,5 +358,5 @@ def _inflated(path: Path, offset: int, wbits: int, keep: int = 0) -> tuple[bytes
         raise ImageFileError(f"the file cannot be read ({error.strerror or error})") from None
     if not decompressor.eof:
         raise ImageFileError("the compressed data end early: the file is truncated")
-    return bytes(head), total
+    return head, total
 

@@ -30,8 +30,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from cmedl.errors import InputError, OutputError
-from cmedl.filebase import PARTIAL_SUFFIX, default_file_mode, temp_file_beside
-from cmedl.imagefiles import ImageFileError, check_image_file
+from cmedl.filebase import PARTIAL_SUFFIX, default_file_mode, flush_to_disk, temp_file_beside
+from cmedl.imagefiles import ImageFileError, check_image_file, inflate_nifti_gz
+from cmedl.niftigz import image_from_nifti_content
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
@@ -123,15 +124,23 @@ def _read_checked(path: Path) -> sitk.Image:
         if path.stat().st_size == 0:
             raise InputError(f"input file is empty: {path}")
         # SimpleITK fills the missing voxels of a truncated NIfTI with zeros and turns a NaN pixdim into
-        # 1 mm, so the bytes are checked against the header first.
+        # 1 mm, so the bytes are checked against the header first. A .nii.gz is inflated for that check, and
+        # its voxels are then taken from that one decompression (cmedl.niftigz) where the file allows it.
+        content = None
         try:
-            check_image_file(path)
+            if suffix_of(path) == ".nii.gz":
+                content = inflate_nifti_gz(path)
+            else:
+                check_image_file(path)
         except ImageFileError as problem:
             raise InputError(f"cannot read {path.name}: {problem}") from None
         except OSError as error:
             raise InputError(f"cannot read {path.name}: {error.strerror or error}") from None
         try:
-            image = sitk.ReadImage(str(path))
+            image = image_from_nifti_content(path, content) if content is not None else None
+            del content
+            if image is None:
+                image = sitk.ReadImage(str(path))
         except RuntimeError as error:
             if "Bad direction" in str(error):  # ITK's message ends in matrix rows, useless as a last line
                 raise InputError(f"{path.name}: {_BAD_DIRECTION}") from None
@@ -343,8 +352,9 @@ def _output_folder(path: Path) -> Path:
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, on failure remove it.
 
-    The temporary name keeps the real suffix so that writers choose the right format. Inside an
-    :class:`OutputSet` the rename waits for the end of the set.
+    The temporary name keeps the real suffix so that writers choose the right format. The file is flushed to
+    disk before the rename (a crash never leaves ``path`` on a torn file). Inside an :class:`OutputSet` the
+    rename waits for the end of the set.
     """
     path = Path(path)
     _output_folder(path)
@@ -352,6 +362,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     handed_over = False
     try:
         yield temp
+        flush_to_disk(temp)
         os.chmod(temp, default_file_mode())
         outputs = _ACTIVE_OUTPUTS.get()
         if outputs is None:
