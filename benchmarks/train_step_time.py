@@ -1,4 +1,4 @@
-"""Time per training iteration: CMEDL against CT only, at each mixed-precision mode the device offers.
+"""Time per training iteration: CMEDL against CT only, at each mixed-precision mode and memory format.
 
 One iteration is one call of the method's ``Objective.step`` on one batch: for CT only, a forward and backward
 pass of the student; for CMEDL, the generator, discriminator and segmentor updates of section III.A.3 (two
@@ -7,14 +7,18 @@ the figures are compute only; a real run also spends time drawing and augmenting
 checkpoints.
 
 The baseline is CT only in full fp32 on the same device, measured in the same process; every row gives its time
-relative to it. On CUDA each timed block is closed by ``torch.cuda.synchronize()`` and the peak GPU memory of
-each configuration is reported.
+relative to it. ``--memory-formats contiguous,channels_last`` also times every configuration with the networks'
+weights and the batches in channels_last (NHWC), the layout inference uses (:mod:`cmedl.inference`): whether
+training gains from it too. On CUDA each timed block is closed by ``torch.cuda.synchronize()`` and the peak
+GPU memory of each configuration is reported.
 
 Usage::
 
     python benchmarks/train_step_time.py                      # paper sizes on the GPU, small sizes on a CPU
     python benchmarks/train_step_time.py --preset small --device cpu --steps 5
     python benchmarks/train_step_time.py --json OUT.json      # also write the figures as JSON
+    python benchmarks/train_step_time.py --device cpu --preset paper --methods ct_only --memory-formats \
+        contiguous,channels_last --threads 2 --steps 3 --warmup 1   # the layout question on a CPU
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ PRESETS: dict[str, dict[str, Any]] = {
               "cx_positions": 4225},
     "small": {"patch": 64, "batch": 2, "base_channels": 8, "translator_channels": 8, "translator_blocks": 2,
               "cx_positions": 256},
+    "medium": {"patch": 128, "batch": 4, "base_channels": 16, "translator_channels": 16, "translator_blocks": 3,
+               "cx_positions": 256},
 }  # fmt: skip
 
 AMP_MODES = ("off", "bf16", "fp16")
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +61,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (cuDNN autotuning, pools)")
     parser.add_argument("--steps", type=int, default=20, help="timed iterations per configuration")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--methods", default="ct_only,cmedl", help="comma-separated: ct_only, cmedl")
+    parser.add_argument("--memory-formats", default="contiguous",
+                        help="comma-separated: contiguous (NCHW, what training uses), channels_last")  # fmt: skip
     parser.add_argument("--json", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
@@ -92,14 +102,26 @@ def random_batch(preset: dict[str, Any], seed: int) -> dict[str, tuple[torch.Ten
     }
 
 
+def in_memory_format(batch: dict[str, tuple[torch.Tensor, ...]], layout: torch.memory_format) -> dict[str, tuple]:
+    """``batch`` with its 4D image tensors laid out in ``layout`` (labels and flags as they are)."""
+    return {
+        domain: tuple(t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in tensors)
+        for domain, tensors in batch.items()
+    }
+
+
 def time_configuration(method: str, amp: str, preset: dict[str, Any], args: argparse.Namespace,
-                       device: torch.device) -> dict[str, Any]:  # fmt: skip
+                       device: torch.device, memory_format: str = "contiguous") -> dict[str, Any]:  # fmt: skip
     """Seconds per iteration (median and spread over ``args.steps``) and peak GPU memory of one configuration."""
     torch.manual_seed(0)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     objective = build_objective(config_for(method, preset, args, device), device, amp_dtype)
+    layout = MEMORY_FORMATS[memory_format]
+    for network in objective.networks.values():
+        # In place: the optimisers keep the same parameter objects, now in the new layout.
+        network.to(memory_format=layout)
     objective.train()
-    batches = [random_batch(preset, seed) for seed in range(4)]
+    batches = [in_memory_format(random_batch(preset, seed), layout) for seed in range(4)]
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -116,6 +138,7 @@ def time_configuration(method: str, amp: str, preset: dict[str, Any], args: argp
     row = {
         "method": method,
         "amp": amp,
+        "memory_format": memory_format,
         "s_per_iteration": statistics.median(seconds),
         "min_s": min(seconds),
         "max_s": max(seconds),
@@ -144,24 +167,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cmedl {__version__}, torch {torch.__version__}, {device_name}, {torch.get_num_threads()} CPU threads")
     print(f"preset {preset_name}: {json.dumps(preset)}, segmentor {args.segmentor}, "
           f"{args.warmup} warm-up + {args.steps} timed iterations")  # fmt: skip
+    methods = [name for name in args.methods.split(",") if name]
+    layouts = [name for name in args.memory_formats.split(",") if name]
+    unknown = [name for name in layouts if name not in MEMORY_FORMATS] + [
+        name for name in methods if name not in ("ct_only", "cmedl")
+    ]
+    if unknown:
+        raise SystemExit(f"unknown method or memory format: {', '.join(unknown)}")
     rows = []
-    for method in ("ct_only", "cmedl"):
+    for method in methods:
         for amp in modes:
-            row = time_configuration(method, amp, preset, args, device)
-            rows.append(row)
-            print(f"  measured {method} amp={amp}: {row['s_per_iteration']:.4f} s", flush=True)
+            for layout in layouts:
+                row = time_configuration(method, amp, preset, args, device, layout)
+                rows.append(row)
+                print(f"  measured {method} amp={amp} {layout}: {row['s_per_iteration']:.4f} s", flush=True)
     baseline = rows[0]["s_per_iteration"]
     print()
-    print(f"{'method':<8} {'amp':<5} {'s/iteration':>12} {'min':>8} {'max':>8} {'x CT-only fp32':>15} {'peak MiB':>9}")
+    print(f"{'method':<8} {'amp':<5} {'layout':<13} {'s/iteration':>12} {'min':>8} {'max':>8} "
+          f"{'x first row':>12} {'peak MiB':>9}")  # fmt: skip
     for row in rows:
         peak = f"{row['peak_gpu_mib']:9.0f}" if "peak_gpu_mib" in row else f"{'-':>9}"
         flag = "" if row["finite_losses"] else "  NON-FINITE LOSS"
-        print(f"{row['method']:<8} {row['amp']:<5} {row['s_per_iteration']:12.4f} {row['min_s']:8.4f} "
-              f"{row['max_s']:8.4f} {row['s_per_iteration'] / baseline:15.2f} {peak}{flag}")  # fmt: skip
+        ratio = row["s_per_iteration"] / baseline
+        print(f"{row['method']:<8} {row['amp']:<5} {row['memory_format']:<13} {row['s_per_iteration']:12.4f} "
+              f"{row['min_s']:8.4f} {row['max_s']:8.4f} {ratio:12.2f} {peak}{flag}")  # fmt: skip
     if args.json:
         record = {"engine_version": __version__, "torch": torch.__version__, "device": device_name,
                   "preset": preset_name, "sizes": preset, "segmentor": args.segmentor, "warmup": args.warmup,
-                  "steps": args.steps, "rows": rows}  # fmt: skip
+                  "steps": args.steps, "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=2)
     return 0

@@ -47,20 +47,33 @@ def resolve_device(requested: str) -> torch.device:
     raise InputError(f"unknown device {requested!r}; use {', '.join(DEVICES)}")
 
 
-def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
+def autocast_dtype(
+    device: torch.device, mode: str = "auto", cpu_flags: frozenset[str] | None = None
+) -> torch.dtype | None:
     """The autocast dtype for ``mode`` (auto/off/bf16/fp16) on ``device``; None means full fp32.
 
-    Mixed precision is used on CUDA only: ``auto`` picks bf16 where the GPU supports it, else fp16.
+    ``auto`` takes reduced precision only where the hardware computes it natively: on CUDA bf16 where the GPU
+    supports it, else fp16; on a CPU bf16 when its flags (``cpu_flags``, default ``/proc/cpuinfo``) include
+    AVX512-BF16 or AMX (:func:`cmedl.cpu.native_bf16_flags`), else fp32. Without them a CPU emulates bf16,
+    several times slower than fp32. On a CPU ``bf16`` forces bf16, and ``fp16`` gives fp32 (a CPU has no
+    fast fp16 arithmetic, and fp16 would need loss scaling for nothing).
     """
     import torch
 
-    if device.type != "cuda" or mode == "off":
+    if mode == "off":
         return None
-    if mode == "fp16":
+    if device.type == "cuda":
+        if mode == "fp16":
+            return torch.float16
+        if mode == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
         return torch.float16
-    if mode == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    if device.type == "cpu":
+        from cmedl.cpu import native_bf16_flags
+
+        if mode == "bf16" or (mode == "auto" and native_bf16_flags(cpu_flags)):
+            return torch.bfloat16
+    return None
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):

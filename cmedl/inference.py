@@ -284,7 +284,8 @@ class InferenceEngine:
         self.multiple = required_multiple(self.network)
         if not self.fast:
             self.model = self.network.to(self.device).eval()
-            dtype = autocast_dtype(self.device, "auto")
+            # The reference stays the network as trained: fp32 on a CPU, whatever the CPU offers.
+            dtype = autocast_dtype(self.device, "auto") if self.device.type == "cuda" else None
             name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
             self.precision = Precision(name, dtype, "reference path: mixed precision on CUDA only")
             return
