@@ -146,6 +146,23 @@ def test_busy_cores_come_from_two_readings_of_proc_stat(tmp_path: Path, monkeypa
     assert cpu.busy_cores([0, 1, 2, 3], interval=0.0, stat=stat, sys_cpu=sys_cpu) == 1
 
 
+def test_a_gpu_run_does_not_sample_the_other_processes_cpu_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 0.2 s sample of /proc/stat is spent only where the CPU threads run the network."""
+    from cmedl import inference
+
+    sampled: list[bool] = []
+    monkeypatch.setattr(cpu, "busy_cores", lambda *args, **kwargs: sampled.append(True) or 0)
+    monkeypatch.setattr(cpu, "physical_cores", lambda *args, **kwargs: (4, "4 physical cores"))
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda *args, **kwargs: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert inference.configure_threads(count_busy_cores=False).count == 4 and not sampled
+        assert inference.configure_threads().count == 4 and sampled
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_threads_are_set_only_in_the_command_line_process(monkeypatch: pytest.MonkeyPatch) -> None:
     network = build_segmentor("threshold", 1, 2)
     before = torch.get_num_threads()
