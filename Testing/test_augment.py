@@ -165,14 +165,17 @@ def test_smooth_displacement_field_has_the_requested_size_and_is_smooth():
     assert np.abs(steps).max() < 1.0
 
 
-@pytest.mark.parametrize("settings", [
-    {"scale": (1.1, 0.9)},
-    {"scale": (0.0, 1.0)},
-    {"rotation_deg": -1.0},
-    {"p_elastic": 1.5},
-    {"probability": -0.1},
-    {"elastic_sigma_px": 0.0},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"scale": (1.1, 0.9)},
+        {"scale": (0.0, 1.0)},
+        {"rotation_deg": -1.0},
+        {"p_elastic": 1.5},
+        {"probability": -0.1},
+        {"elastic_sigma_px": 0.0},
+    ],
+)
 def test_inconsistent_settings_are_config_errors(settings):
     with pytest.raises(ConfigError):
         AugmentConfig(**settings)

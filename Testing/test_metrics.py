@@ -90,9 +90,7 @@ def test_squares_one_row_apart_with_anisotropic_spacing():
     # Truth contour: 4 corner cuts, 2 horizontal runs of one column (1 mm), 2 vertical runs of one row (2 mm).
     np.testing.assert_allclose(np.sort(distances.truth_areas), np.sort([corner_cut] * 4 + [1.0] * 2 + [2.0] * 2))
     # Prediction contour has one more vertical run on each side.
-    np.testing.assert_allclose(
-        np.sort(distances.prediction_areas), np.sort([corner_cut] * 4 + [1.0] * 2 + [2.0] * 4)
-    )
+    np.testing.assert_allclose(np.sort(distances.prediction_areas), np.sort([corner_cut] * 4 + [1.0] * 2 + [2.0] * 4))
     # Only the truth's bottom-middle corner is off the prediction's contour: 1 mm to the side runs beside it.
     np.testing.assert_allclose(distances.truth_to_prediction_mm, [0.0] * 7 + [1.0])
     # The prediction's three bottom surfels lie one row (2 mm) below the truth's bottom.
@@ -215,12 +213,15 @@ def test_metrics_are_symmetric():
     assert 0.0 < forward["dice"] < 1.0
 
 
-@pytest.mark.parametrize(("shift_axis", "spacing", "expected_hd95"), [
-    (0, (2.0, 1.0), 6.0),  # 3 rows of 2 mm
-    (0, (1.0, 2.0), 3.0),  # 3 rows of 1 mm
-    (1, (2.0, 1.0), 3.0),  # 3 columns of 1 mm
-    (1, (1.0, 2.0), 6.0),  # 3 columns of 2 mm
-])
+@pytest.mark.parametrize(
+    ("shift_axis", "spacing", "expected_hd95"),
+    [
+        (0, (2.0, 1.0), 6.0),  # 3 rows of 2 mm
+        (0, (1.0, 2.0), 3.0),  # 3 rows of 1 mm
+        (1, (2.0, 1.0), 3.0),  # 3 columns of 1 mm
+        (1, (1.0, 2.0), 6.0),  # 3 columns of 2 mm
+    ],
+)
 def test_hd95_follows_the_spacing_of_the_shifted_axis(shift_axis, spacing, expected_hd95):
     truth = np.zeros((40, 40), bool)
     truth[10:30, 10:30] = True

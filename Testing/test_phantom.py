@@ -216,8 +216,12 @@ def test_tumours_count_size_and_sites_over_many_cases() -> None:
             near_mediastinum = np.isin(tissues[ring], MEDIASTINAL_TISSUES).mean() > 0.05
             near_wall = np.isin(tissues[ring], CHEST_WALL_TISSUES).mean() > 0.05
             centre = np.argwhere(tumour).mean(axis=0)
-            listed = min(case.tumours, key=lambda t: np.linalg.norm(
-                np.array(case.image.TransformPhysicalPointToContinuousIndex(t["centre_mm"]))[::-1] - centre))
+            listed = min(
+                case.tumours,
+                key=lambda t: np.linalg.norm(
+                    np.array(case.image.TransformPhysicalPointToContinuousIndex(t["centre_mm"]))[::-1] - centre
+                ),
+            )
             if listed["location"] == "mediastinum":
                 assert near_mediastinum, f"seed {seed}: a 'mediastinum' tumour does not touch the mediastinum"
             elif listed["location"] == "chest_wall":
@@ -361,8 +365,9 @@ def test_requested_tumour_sites_are_painted_and_shared_by_both_modalities() -> N
 
 
 def test_stratified_dataset_with_paired_mr_and_tumour_table(tmp_path: Path) -> None:
-    description = write_phantom_dataset(tmp_path, n_ct=3, n_mr=1, seed=5, size=64, stratified=True,
-                                        paired_mr=True, ct_tumour_contrast=-20)
+    description = write_phantom_dataset(
+        tmp_path, n_ct=3, n_mr=1, seed=5, size=64, stratified=True, paired_mr=True, ct_tumour_contrast=-20
+    )
     assert description["paired"] is False and description["paired_mr"] is True
     assert description["stratified"] is True and description["ct_tumour_contrast"] == -20
     assert json.loads((tmp_path / "phantoms.json").read_text(encoding="utf-8")) == description
@@ -403,8 +408,24 @@ def test_stratified_dataset_with_paired_mr_and_tumour_table(tmp_path: Path) -> N
 
 def test_phantom_command_passes_the_tumour_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "data"
-    code = main(["phantom", str(out), "--ct", "1", "--mr", "0", "--seed", "2", "--size", "64",
-                 "--ct-contrast", "-25", "--stratified", "--paired-mr"])
+    code = main(
+        [
+            "phantom",
+            str(out),
+            "--ct",
+            "1",
+            "--mr",
+            "0",
+            "--seed",
+            "2",
+            "--size",
+            "64",
+            "--ct-contrast",
+            "-25",
+            "--stratified",
+            "--paired-mr",
+        ]
+    )
     assert code == 0
     assert "-25 HU" in capsys.readouterr().out
     description = json.loads((out / "phantoms.json").read_text(encoding="utf-8"))

@@ -526,6 +526,7 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
         if arm not in arms or twin not in arms:
             continue
         for contrast in contrasts:
+
             def at(r, c=contrast):
                 return r["contrast"] == c
 
@@ -545,9 +546,7 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
                 if found:
                     comparisons.setdefault(f"tumour_dice {contrast:+g} {stratum} vs {twin}", {}).update(found)
     print()
-    print(
-        "Each arm against ct_only (or the twin named): mean (seed-averaged) score, arm vs reference, mean difference"
-    )
+    print("Each arm against ct_only (or the twin named): mean (seed-averaged) score, arm vs reference, mean difference")
     print("[bootstrap 95% CI],")
     print("two-sided paired Wilcoxon p, over test anatomies (case) or test tumours (tumour).")
     for name, by_arm in comparisons.items():
@@ -623,9 +622,7 @@ def report(args: argparse.Namespace, records: list[dict], case_rows: list[dict],
                 }
     if teacher:
         print()
-        print(
-            "Translator and teacher (diagnostic): teacher Dice on pseudo-MRI of the test CTs; pseudo-MRI vs real MRI"
-        )
+        print("Translator and teacher (diagnostic): teacher Dice on pseudo-MRI of the test CTs; pseudo-MRI vs real MRI")
         for name, values in teacher.items():
             print(f"  {name:<28} " + ", ".join(f"{key} {value:.3f}" for key, value in values.items()))
     return {"comparisons": comparisons, "summary": summary, "validation_curves": curves, "translator_teacher": teacher,

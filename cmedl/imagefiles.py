@@ -359,4 +359,3 @@ def _inflated(path: Path, offset: int, wbits: int, keep: int = 0) -> tuple[bytea
     if not decompressor.eof:
         raise ImageFileError("the compressed data end early: the file is truncated")
     return head, total
-

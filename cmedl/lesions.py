@@ -294,8 +294,10 @@ def measure_recist(lesion_mask: np.ndarray, grid: _Grid, offset_zyx: Sequence[in
             short_mm = float(across.max() - across.min())
         else:
             short_mm = 0.0
-        if best is None or long_mm > best.long_mm + 1e-9 or (
-            abs(long_mm - best.long_mm) <= 1e-9 and short_mm > best.short_mm
+        if (
+            best is None
+            or long_mm > best.long_mm + 1e-9
+            or (abs(long_mm - best.long_mm) <= 1e-9 and short_mm > best.short_mm)
         ):
             slice_global = int(offset_zyx[axial_np]) + t
             ends = []
@@ -347,7 +349,7 @@ class _LungHulls:
             points = _row_ends(np.asarray(np.take(self.lung, t, axis=self.axial_np)) != 0)
             try:
                 # Pixel corners rather than centres: the hull then holds every lung pixel entirely.
-                corners = (points[:, None, :] + np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]))
+                corners = points[:, None, :] + np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
                 self._hulls[t] = ConvexHull(corners.reshape(-1, 2)).equations if len(points) else None
             except QhullError:
                 self._hulls[t] = None

@@ -143,9 +143,7 @@ def surface_distances(prediction: np.ndarray, truth: np.ndarray, spacing_mm: Seq
     return SurfaceDistances(truth_to_prediction, truth_areas, prediction_to_truth, prediction_areas)
 
 
-def surface_dice(
-    prediction: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float], tolerance_mm: float
-) -> float:
+def surface_dice(prediction: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float], tolerance_mm: float) -> float:
     """Surface Dice (normalised surface distance) at ``tolerance_mm``; 0 if one mask is empty, NaN if both are."""
     return surface_distances(prediction, truth, spacing_mm).surface_dice(tolerance_mm)
 
@@ -178,9 +176,7 @@ def _as_mask_pair(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray
     prediction_mask = np.asarray(prediction) != 0
     truth_mask = np.asarray(truth) != 0
     if prediction_mask.shape != truth_mask.shape:
-        raise InputError(
-            f"prediction and ground truth differ in shape: {prediction_mask.shape} vs {truth_mask.shape}"
-        )
+        raise InputError(f"prediction and ground truth differ in shape: {prediction_mask.shape} vs {truth_mask.shape}")
     return prediction_mask, truth_mask
 
 

@@ -98,8 +98,9 @@ def augment_pair(
         displacement = smooth_displacement_field(
             label.shape, rng, config.elastic_displacement_px, config.elastic_sigma_px
         )
-    return warp_pair(image, label, flip=flip, angle_deg=angle_deg, scale=scale, displacement=displacement,
-                     fill_value=fill_value)
+    return warp_pair(
+        image, label, flip=flip, angle_deg=angle_deg, scale=scale, displacement=displacement, fill_value=fill_value
+    )
 
 
 def warp_pair(
@@ -145,15 +146,21 @@ def warp_pair(
     grid = _sampling_grid(label.shape, flip, angle_deg, scale, displacement)
     with torch.no_grad():
         warped = F.grid_sample(
-            torch.from_numpy(np.ascontiguousarray(stack))[None], grid, mode="bilinear", padding_mode="zeros",
+            torch.from_numpy(np.ascontiguousarray(stack))[None],
+            grid,
+            mode="bilinear",
+            padding_mode="zeros",
             align_corners=True,
         )[0].numpy()
         if binary:
             warped_label = (warped[-1] >= 0.5).astype(label.dtype)
         else:
             nearest = F.grid_sample(
-                torch.from_numpy(label.astype(np.float32))[None, None], grid, mode="nearest",
-                padding_mode="zeros", align_corners=True,
+                torch.from_numpy(label.astype(np.float32))[None, None],
+                grid,
+                mode="nearest",
+                padding_mode="zeros",
+                align_corners=True,
             )
             warped_label = nearest[0, 0].numpy().round().astype(label.dtype)
     warped_image = (warped[: len(channels)] + fills).astype(image.dtype)
@@ -171,9 +178,9 @@ def smooth_displacement_field(
     """
     step = max(1, int(sigma_px // 4))
     coarse_shape = tuple(math.ceil((size - 1) / step) + 1 for size in shape)
-    coarse = np.stack([
-        ndimage.gaussian_filter(rng.standard_normal(coarse_shape), sigma_px / step, mode="reflect") for _ in range(2)
-    ])
+    coarse = np.stack(
+        [ndimage.gaussian_filter(rng.standard_normal(coarse_shape), sigma_px / step, mode="reflect") for _ in range(2)]
+    )
     with torch.no_grad():
         field = F.interpolate(
             torch.from_numpy(coarse.astype(np.float32))[None], size=tuple(shape), mode="bilinear", align_corners=True
