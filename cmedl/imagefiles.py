@@ -52,10 +52,39 @@ class ImageFileError(Exception):
 
 
 @dataclass(frozen=True)
-class _NiftiHeader:
+class NiftiHeader:
+    """What this module reads of a NIfTI-1 or NIfTI-2 header.
+
+    Attributes:
+        byte_order: ``<`` or ``>`` (``struct`` notation).
+        datatype: the NIfTI datatype code (4 = int16, 16 = float32, ...).
+        dims: ``dim[0..7]``: the rank, then the extent of each axis.
+        voxel_offset: bytes before the voxels (``vox_offset``).
+        scaling: ``(scl_slope, scl_inter)``.
+        voxel_bytes: the bytes of voxel data the header promises; None when ``bitpix`` does not allow a count.
+        problem: a field SimpleITK would silently replace (a NaN spacing, say), or a damaged ``dim``; None if none.
+    """
+
+    byte_order: str
+    datatype: int
+    dims: tuple[int, ...]
     voxel_offset: int
-    voxel_bytes: int | None  # None when bitpix does not allow a byte count (1-bit data, say)
-    problem: str | None  # a geometry field SimpleITK would silently replace
+    scaling: tuple[float, float]
+    voxel_bytes: int | None
+    problem: str | None
+
+
+# Where the fields read here lie in each header version: (size, magic offset, magic, {field: (offset, format)}).
+_NIFTI_LAYOUTS = (
+    (348, 344, b"n+1", {
+        "dims": (40, "8h"), "datatype": (70, "h"), "bitpix": (72, "h"), "pixdim": (76, "8f"), "offset": (108, "f"),
+        "scaling": (112, "2f"), "codes": (252, "2h"), "quatern": (256, "6f"), "srow": (280, "12f"),
+    }),
+    (540, 4, b"n+2", {
+        "datatype": (12, "h"), "bitpix": (14, "h"), "dims": (16, "8q"), "pixdim": (104, "8d"), "offset": (168, "q"),
+        "scaling": (176, "2d"), "codes": (344, "2i"), "quatern": (352, "6d"), "srow": (400, "12d"),
+    }),
+)  # fmt: skip
 
 
 def check_image_file(path: str | Path, inflate: bool = False) -> None:
@@ -86,7 +115,7 @@ def check_image_file(path: str | Path, inflate: bool = False) -> None:
 def _check_nifti(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        header = _nifti_header(handle.read(540))
+        header = read_nifti_header(handle.read(540))
     if header is None:
         return
     if header.problem:
@@ -114,7 +143,7 @@ def inflate_nifti_gz(path: str | Path) -> bytearray | None:
 
 def _inflated_nifti_gz(path: Path, keep_all: bool) -> bytearray | None:
     content, total = _inflated(path, 0, wbits=31, keep=-1 if keep_all else 540)
-    header = _nifti_header(bytes(content[:540]))
+    header = read_nifti_header(content)
     if header is None:
         return None
     if header.problem:
@@ -127,43 +156,31 @@ def _inflated_nifti_gz(path: Path, keep_all: bool) -> bytearray | None:
     return content
 
 
-def _nifti_header(raw: bytes) -> _NiftiHeader | None:
-    """The parts of a NIfTI-1 or NIfTI-2 header this module checks; None when ``raw`` is not one."""
+def read_nifti_header(raw: bytes | bytearray) -> NiftiHeader | None:
+    """The header at the start of ``raw`` (a NIfTI file's first 540 bytes or more, decompressed), in either byte
+    order; None when ``raw`` does not start with a NIfTI-1 or NIfTI-2 header."""
     for order in ("<", ">"):
-        if len(raw) >= 348 and struct.unpack(order + "i", raw[:4])[0] == 348 and raw[344:347] == b"n+1":
-            dims = struct.unpack(order + "8h", raw[40:56])
-            bitpix = struct.unpack(order + "h", raw[72:74])[0]
-            pixdim = struct.unpack(order + "8f", raw[76:108])
-            offset = struct.unpack(order + "f", raw[108:112])[0]
-            qform, sform = struct.unpack(order + "2h", raw[252:256])
-            quatern = struct.unpack(order + "6f", raw[256:280])
-            srow = struct.unpack(order + "12f", raw[280:328])
-            return _nifti_facts(dims, bitpix, pixdim, offset, qform, sform, quatern, srow)
-        if len(raw) >= 540 and struct.unpack(order + "i", raw[:4])[0] == 540 and raw[4:7] == b"n+2":
-            dims = struct.unpack(order + "8q", raw[16:80])
-            bitpix = struct.unpack(order + "h", raw[14:16])[0]
-            pixdim = struct.unpack(order + "8d", raw[104:168])
-            offset = struct.unpack(order + "q", raw[168:176])[0]
-            qform, sform = struct.unpack(order + "2i", raw[344:352])
-            quatern = struct.unpack(order + "6d", raw[352:400])
-            srow = struct.unpack(order + "12d", raw[400:496])
-            return _nifti_facts(dims, bitpix, pixdim, offset, qform, sform, quatern, srow)
+        for size, magic_at, magic, fields in _NIFTI_LAYOUTS:
+            if len(raw) < size or struct.unpack_from(order + "i", raw, 0)[0] != size:
+                continue
+            if bytes(raw[magic_at : magic_at + 3]) != magic:
+                continue
+            values = {name: struct.unpack_from(order + code, raw, at) for name, (at, code) in fields.items()}
+            return _nifti_facts(order, values)
     return None
 
 
-def _nifti_facts(
-    dims: tuple[int, ...],
-    bitpix: int,
-    pixdim: tuple[float, ...],
-    offset: float,
-    qform: int,
-    sform: int,
-    quatern: tuple[float, ...],
-    srow: tuple[float, ...],
-) -> _NiftiHeader | None:
+def _nifti_facts(order: str, values: dict[str, tuple]) -> NiftiHeader:
+    dims, (bitpix,), pixdim, (offset,) = values["dims"], values["bitpix"], values["pixdim"], values["offset"]
+    (qform, sform), quatern, srow = values["codes"], values["quatern"], values["srow"]
+    scaling = (float(values["scaling"][0]), float(values["scaling"][1]))
+
+    def header(voxel_offset: int, voxel_bytes: int | None, problem: str | None) -> NiftiHeader:
+        return NiftiHeader(order, values["datatype"][0], tuple(dims), voxel_offset, scaling, voxel_bytes, problem)
+
     rank = dims[0]
     if not 1 <= rank <= 7 or any(extent < 1 for extent in dims[1 : rank + 1]) or not math.isfinite(offset):
-        return _NiftiHeader(0, None, f"damaged NIfTI header (dim = {list(dims[: rank + 1] if rank > 0 else dims)})")
+        return header(0, None, f"damaged NIfTI header (dim = {list(dims[: rank + 1] if rank > 0 else dims)})")
     count = math.prod(dims[1 : rank + 1])
     voxel_bytes = count * bitpix // 8 if bitpix > 0 and bitpix % 8 == 0 else None
     problem = None
@@ -180,7 +197,7 @@ def _nifti_facts(
         problem = "the NIfTI qform holds non-finite values: the image orientation is unknown"
     if problem is None and sform > 0 and not all(math.isfinite(v) for v in srow):
         problem = "the NIfTI sform holds non-finite values: the image orientation is unknown"
-    return _NiftiHeader(int(offset), voxel_bytes, problem)
+    return header(int(offset), voxel_bytes, problem)
 
 
 # -- NRRD ---------------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ intensity scaling (``scl_slope``/``scl_inter``), which ITK applies while reading
 from __future__ import annotations
 
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from cmedl.imagefiles import read_nifti_header
 
 # NIfTI datatype codes the fast path takes, with the numpy type of their voxels and ITK's pixel type for them.
 _PLAIN_TYPES: dict[int, tuple[str, int]] = {
@@ -34,28 +35,6 @@ _PLAIN_TYPES: dict[int, tuple[str, int]] = {
 }
 
 
-def _layout(content: bytes | bytearray) -> tuple[str, int, tuple[int, ...], int, float, float] | None:
-    """(byte order, datatype, dim[0..7], voxel offset, scl_slope, scl_inter) of a NIfTI-1 or NIfTI-2 header."""
-    for order in ("<", ">"):
-        size = struct.unpack_from(order + "i", content, 0)[0] if len(content) >= 4 else 0
-        if size == 348 and len(content) >= 348 and bytes(content[344:347]) == b"n+1":
-            datatype = struct.unpack_from(order + "h", content, 70)[0]
-            dims = struct.unpack_from(order + "8h", content, 40)
-            offset = struct.unpack_from(order + "f", content, 108)[0]
-            slope, inter = struct.unpack_from(order + "2f", content, 112)
-        elif size == 540 and len(content) >= 540 and bytes(content[4:7]) == b"n+2":
-            datatype = struct.unpack_from(order + "h", content, 12)[0]
-            dims = struct.unpack_from(order + "8q", content, 16)
-            offset = struct.unpack_from(order + "q", content, 168)[0]
-            slope, inter = struct.unpack_from(order + "2d", content, 176)
-        else:
-            continue
-        if not math.isfinite(offset) or offset < 0:
-            return None
-        return order, datatype, tuple(dims), int(offset), float(slope), float(inter)
-    return None
-
-
 def image_from_nifti_content(path: str | Path, content: bytes | bytearray) -> sitk.Image | None:
     """The volume of the ``.nii.gz`` at ``path`` from ``content``, its already decompressed bytes; None when the
     file needs SimpleITK's full read (see the module docstring).
@@ -64,17 +43,16 @@ def image_from_nifti_content(path: str | Path, content: bytes | bytearray) -> si
     SimpleITK's NIfTI reader makes of the header. Raises ``RuntimeError`` as ``SimpleITK.ReadImage`` would when
     ITK refuses the header.
     """
-    layout = _layout(content)
-    if layout is None:
-        return None
-    order, datatype, dims, offset, slope, inter = layout
-    if dims[0] != 3 or datatype not in _PLAIN_TYPES:
+    header = read_nifti_header(content)
+    if header is None or header.problem or header.dims[0] != 3 or header.datatype not in _PLAIN_TYPES:
         return None
     # ITK rescales (and turns the pixels to float) unless the slope is 0 or 1 and the intercept is 0.
+    slope, inter = header.scaling
     if slope not in (0.0, 1.0) or inter != 0.0:
         return None
-    code, pixel_id = _PLAIN_TYPES[datatype]
-    size = tuple(int(extent) for extent in dims[1:4])
+    code, pixel_id = _PLAIN_TYPES[header.datatype]
+    size = tuple(int(extent) for extent in header.dims[1:4])
+    offset = header.voxel_offset
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -85,7 +63,7 @@ def image_from_nifti_content(path: str | Path, content: bytes | bytearray) -> si
         or reader.GetPixelID() != pixel_id
     ):
         return None
-    dtype = np.dtype(order + code)
+    dtype = np.dtype(header.byte_order + code)
     count = math.prod(size)
     if offset + count * dtype.itemsize > len(content):
         return None  # the check before this one refuses such a file; never read past the end
