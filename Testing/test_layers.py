@@ -17,7 +17,8 @@ ENGINE = PROJECT_ROOT / "cmedl"
 #: modules that must import on a machine without torch (the Slicer panels and `cmedl info` rely on it)
 TORCH_FREE = (
     "errors", "filebase", "cpu", "memory", "devices", "segment_options", "training.choices", "progress",
-    "volumes", "imagefiles", "niftigz", "modality", "lungs", "lesions", "metrics", "modelcard", "catalogue", "downloads",
+    "volumes", "imagefiles", "niftigz", "modality", "lungs", "lesions", "metrics", "modelcard", "catalogue",
+    "downloads",
     "processes", "jobs", "phantom", "training.runfolder", "training.runs", "training.launch",
 )  # fmt: skip
 
