@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -246,3 +247,19 @@ def sitk_array(image):
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(image)
+
+
+def test_a_cmedl_run_on_a_cpu_with_native_bf16_trains_every_network_in_bf16(
+    unpaired: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contextual loss, the VGG features and the hint losses all run under CPU bf16 autocast."""
+    from cmedl import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    out = tmp_path / "run"
+    status = Trainer(config_for(unpaired, out, epochs=1)).fit()
+    assert status["state"] == "finished", status["message"]
+    assert all(math.isfinite(value) for value in status["last_losses"].values())
+    assert json.loads((out / "run.json").read_text())["amp"] == "torch.bfloat16"
+    for name in ("model.safetensors", "translator.safetensors"):
+        assert (out / name).is_file()

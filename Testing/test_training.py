@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import SimpleITK as sitk
 import torch
 from conftest import PROJECT_ROOT, TINY, run_cmedl
 
+from cmedl import cpu
+from cmedl.devices import autocast_dtype
 from cmedl.errors import InputError, TrainingError
 from cmedl.modelfile import load_model
 from cmedl.training.config import TrainConfig
@@ -125,6 +128,17 @@ def test_stop_signal_leaves_a_resumable_stopped_run(small_phantoms: Path, tmp_pa
     assert [record["epoch"] for record in run.read_metrics()][-1] == last + 1
 
 
+def test_a_resume_with_more_epochs_is_the_runs_configuration_from_then_on(small_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert Trainer(tiny_config(small_phantoms / "ct", out, epochs=1)).fit()["state"] == "finished"
+    assert Trainer.resume_run(out, epochs=2).fit()["message"].startswith("finished 2 epochs")
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    # A plain resume of the finished run keeps its 2 epochs: nothing to train, and it says so.
+    again = Trainer.resume_run(out).fit()
+    assert again["state"] == "finished" and again["message"].startswith("finished 2 epochs"), again["message"]
+    assert [record["epoch"] for record in RunFolder(out).read_metrics()] == [1, 2]
+
+
 def test_a_non_finite_loss_stops_with_a_clear_message(small_phantoms: Path, tmp_path: Path) -> None:
     # An absurd learning rate makes the weights overflow within a few steps.
     with pytest.raises(TrainingError, match="non-finite"):
@@ -168,3 +182,28 @@ def test_command_line_flags_and_set_reach_the_saved_config(small_phantoms: Path,
     assert saved["seed"] == 5 and saved["iterations_per_epoch"] == 2 and saved["spacing_mm"] == [3.0, 3.0]
     bad = run_cmedl("train", "--ct", str(small_phantoms / "ct"), "--out", str(tmp_path / "x"), "--set", "nope=1")
     assert bad.returncode == 7 and "nope" in bad.stderr
+
+
+def test_training_precision_on_a_cpu_is_what_the_cpu_computes_natively() -> None:
+    """bf16 only with AVX512-BF16 or AMX: elsewhere a CPU emulates it, several times slower than fp32."""
+    host = torch.device("cpu")
+    assert autocast_dtype(host, "auto", frozenset({"avx2", "fma"})) is None
+    for flag in ("avx512_bf16", "amx_bf16"):
+        assert autocast_dtype(host, "auto", frozenset({"avx2", flag})) == torch.bfloat16
+    assert autocast_dtype(host, "off", frozenset({"amx_bf16"})) is None
+    assert autocast_dtype(host, "bf16", frozenset()) == torch.bfloat16
+    assert autocast_dtype(host, "fp16", frozenset({"amx_bf16"})) is None  # no fast fp16 on a CPU
+
+
+def test_a_run_on_a_cpu_with_native_bf16_trains_in_bf16_and_exports_fp32_weights(
+    small_phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    out = tmp_path / "run"
+    status = Trainer(tiny_config(small_phantoms / "ct", out, epochs=1)).fit()
+    assert status["state"] == "finished", status["message"]
+    assert all(math.isfinite(value) for value in status["last_losses"].values())
+    assert json.loads((out / "run.json").read_text())["amp"] == "torch.bfloat16"
+    assert "in bf16 autocast" in (out / "train.log").read_text()
+    model = load_model(out / "model.safetensors")
+    assert {parameter.dtype for parameter in model.network.parameters()} == {torch.float32}

@@ -109,6 +109,19 @@ class TrainConfig:
     iterations: 15-20%; 8 slices took 21-26%) and in the README's example (2 cases, 50 iterations: 15%);
     ``benchmarks/validation_cost.py`` measures it. 0 scores every slice, which there cost 1.5 to 1.8 times the
     epoch's training. ``validation_overlap``: how much the validation tiles (training-size patches) overlap.
+
+    ``cache_volumes``: True keeps every case as prepared for training (reoriented, resampled to ``spacing_mm``,
+    normalised) in the run folder's ``cache/volumes``, so that a resumed or restarted run reads it back instead of
+    preparing the case again (:mod:`cmedl.training.volume_cache`); an entry is used only while the case's files
+    and these settings are unchanged. It changes no result, only the time to the first step, and a run may be
+    resumed with another value.
+
+    Precision and layout: ``amp`` ``auto`` trains in the precision the hardware computes natively
+    (:func:`cmedl.devices.autocast_dtype`): bf16 autocast on a GPU with bf16 (else fp16, with loss scaling) and on
+    a CPU with AVX512-BF16 or AMX, fp32 on other CPUs, where bf16 is emulated and several times slower; ``off``
+    is fp32 everywhere, ``bf16``/``fp16`` force one. Training keeps the NCHW layout on every device: channels_last
+    speeds up inference but slowed the training step on a CPU (the convolutions' backward pass;
+    ``benchmarks/train_step_time.py --memory-formats``, benchmarks/README.md).
     """
 
     method: str = "ct_only"
@@ -175,6 +188,8 @@ class TrainConfig:
     init: str = ""
     freeze_encoder_epochs: int = 0
     warmup_epochs: int = 0
+    # Keep prepared volumes in RUN/cache/volumes (see the class docstring); results are the same either way.
+    cache_volumes: bool = True
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -15,6 +15,8 @@ Layout of ``RUN/``::
     cyclegan.safetensors    CMEDL: every translator network of that epoch (fine-tuning takes them over)
     train.log          what the run printed
     run.lock           while a process trains in the folder: its pid, host and start time
+    cache/volumes/     every case as prepared for training, ``<key>.npz`` (:mod:`cmedl.training.volume_cache`),
+                       read back by a resume or restart; safe to delete, kept when a run starts again
 
 CMEDL Train and ``cmedl runs`` read ``status.json`` and ``metrics.jsonl`` (:mod:`cmedl.training.runs`); they
 never need to talk to the training process.
@@ -49,6 +51,7 @@ CYCLEGAN_FILE = "cyclegan.safetensors"
 RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
 
 LOCK_FILE = "run.lock"
+VOLUME_CACHE_FOLDER = Path("cache") / "volumes"
 # What the trainer writes through temporary names; only their leftovers are removed (the Slicer launcher
 # writes files of its own into the folder, possibly at the same moment).
 RUN_FILES = ("config.json", "data.json", "run.json", "status.json", "metrics.jsonl", "checkpoint.pt")
@@ -94,6 +97,10 @@ class RunFolder:
     @property
     def lock_path(self) -> Path:
         return self.path / LOCK_FILE
+
+    @property
+    def volume_cache_path(self) -> Path:
+        return self.path / VOLUME_CACHE_FOLDER
 
     def holds_run(self) -> bool:
         """Whether a run was configured here (``config.json`` written)."""
@@ -250,7 +257,8 @@ class RunFolder:
         """Delete the temporary files of writes that were interrupted (the process was killed), e.g.
         ``.checkpoint.pt.k3j9.partial.pt``; returns what was removed. Call only while holding the folder."""
         removed = []
-        folders = [self.path, self.path / "previews"]
+        # Only the trainer writes into previews/ and the cache: every partial file there is one of its writes.
+        folders = [self.path, self.path / "previews", self.volume_cache_path]
         for folder in folders:
             if not folder.is_dir():
                 continue
@@ -266,7 +274,9 @@ class RunFolder:
 
     def clear_unfinished(self) -> None:
         """Forget a run that never finished an epoch (no checkpoint), to start it again in place: its metric
-        lines and model files belong to no checkpoint and would mix with the new run's."""
+        lines and model files belong to no checkpoint and would mix with the new run's. The cache of prepared
+        volumes stays: an entry is keyed by the case's files and the settings, not by the run, and the new run
+        reads it."""
         self.metrics_path.unlink(missing_ok=True)
         for model in self.path.glob("*.safetensors"):
             model.unlink(missing_ok=True)

@@ -75,6 +75,7 @@ from cmedl.training.data import (
 from cmedl.training.finetune import InitSource, check_init, init_log_lines, initialise_networks, resolve_init
 from cmedl.training.objectives import Objective, build_objective
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
+from cmedl.training.volume_cache import PreparedVolumeCache, cache_key
 from cmedl.volumes import atomic_output, normalise_hu, normalise_mr
 
 
@@ -90,7 +91,7 @@ class Datasets:
 
 VALIDATION_MIN_BATCH = 8
 # Values that may differ when a run that never finished an epoch is started again with the same configuration.
-RESTART_MAY_DIFFER = ("out", "device")
+RESTART_MAY_DIFFER = ("out", "device", "cache_volumes")
 
 
 @dataclass
@@ -227,12 +228,34 @@ class Trainer:
 
         jobs = [(case, normalise_ct) for case in training_cases + validation_cases]
         jobs += [(case, normalise_mri) for case in mr_cases]
+        # Every process reads the run's cache of prepared volumes; rank 0 alone writes it.
+        cache = None
+        if config.cache_volumes:
+            cache = PreparedVolumeCache(self.run.volume_cache_path, writable=self.main, log=self._log)
         prepared: list[PreparedVolume] = []
+        from_cache = 0
         for index, (case, normalise) in enumerate(jobs):
             self.progress.update("data", index, len(jobs), "cases")
             is_ct, label_value = normalise is normalise_ct, config.label_value
-            prepared.append(prepare_volume(case, config.spacing_mm, normalise, is_ct=is_ct, label_value=label_value))
+            volume, key = None, None
+            if cache is not None:
+                # What normalise_ct and normalise_mri depend on: part of the key.
+                settings = {"hu_window": list(config.hu_window)} if is_ct else {"mr_percentile": config.mr_percentile}
+                try:
+                    key = cache_key(case, config.spacing_mm, settings, is_ct=is_ct, label_value=label_value)
+                except OSError:
+                    key = None  # a file that cannot be examined: prepare_volume says what is wrong with it
+                volume = cache.load(key, case.name) if key is not None else None
+            if volume is not None:
+                from_cache += 1
+            else:
+                volume = prepare_volume(case, config.spacing_mm, normalise, is_ct=is_ct, label_value=label_value)
+                if cache is not None and key is not None:
+                    cache.store(key, volume)
+            prepared.append(volume)
         self.progress.update("data", len(jobs), len(jobs), "cases")
+        if cache is not None:
+            self._log(f"data: {len(jobs)} case(s) prepared, {from_cache} of them from the run's cache")
         datasets = Datasets(
             ct_training=prepared[: len(training_cases)],
             ct_validation=prepared[len(training_cases) : len(training_cases) + len(validation_cases)],
@@ -404,6 +427,10 @@ class Trainer:
             datasets = self._on_every_process(self._prepare_data_interruptibly)
             if not self.resume and self.main:
                 self._write_run_files(datasets.lists)
+            elif self.main:
+                # A resume's overrides (more epochs, another device) are the run's configuration from now on: the
+                # next plain --resume, the panels and `cmedl runs` read them from here.
+                self.run.write_json("config.json", self.config.to_dict())
             return self._loop(datasets)
         except Interrupted as stop:
             return self._finish(STOPPED, f"stopped by {stop.signal_name} while preparing data, before training: "
@@ -425,6 +452,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed + rank)
         objective = build_objective(config, self.device, self.amp_dtype)
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
+        self._log(f"training on {self.device} in {precision} (amp {config.amp}), NCHW layout")
         if self.init_source is not None:
             loaded = initialise_networks(objective, self.init_source)
             for line in init_log_lines(config, self.init_source, loaded):
