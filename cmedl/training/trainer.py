@@ -233,7 +233,7 @@ class Trainer:
         if config.cache_volumes:
             cache = PreparedVolumeCache(self.run.volume_cache_path, writable=self.main, log=self._log)
         prepared: list[PreparedVolume] = []
-        from_cache = 0
+        from_cache, used_keys = 0, set()
         for index, (case, normalise) in enumerate(jobs):
             self.progress.update("data", index, len(jobs), "cases")
             is_ct, label_value = normalise is normalise_ct, config.label_value
@@ -246,6 +246,7 @@ class Trainer:
                 except OSError:
                     key = None  # a file that cannot be examined: prepare_volume says what is wrong with it
                 volume = cache.load(key, case.name) if key is not None else None
+                used_keys.add(key)
             if volume is not None:
                 from_cache += 1
             else:
@@ -255,7 +256,9 @@ class Trainer:
             prepared.append(volume)
         self.progress.update("data", len(jobs), len(jobs), "cases")
         if cache is not None:
-            self._log(f"data: {len(jobs)} case(s) prepared, {from_cache} of them from the run's cache")
+            removed = cache.remove_unused(used_keys)
+            stale = f"; {removed} entr{'y' if removed == 1 else 'ies'} of changed files removed" if removed else ""
+            self._log(f"data: {len(jobs)} case(s) prepared, {from_cache} of them from the run's cache{stale}")
         datasets = Datasets(
             ct_training=prepared[: len(training_cases)],
             ct_validation=prepared[len(training_cases) : len(training_cases) + len(validation_cases)],

@@ -107,6 +107,7 @@ class PreparedVolumeCache:
     def __init__(self, folder: Path, writable: bool, log: Callable[[str], None]) -> None:
         self.folder = Path(folder)
         self.writable = writable
+        self._owner = writable  # writable turns False after a failed write; the owner may still delete
         self._log = log
 
     def path_of(self, key: str) -> Path:
@@ -169,6 +170,26 @@ class PreparedVolumeCache:
         except (OSError, OutputError) as error:
             self.writable = False
             self._log(f"cache: {error}; training goes on without writing the run's cache of prepared volumes")
+
+
+    def remove_unused(self, used: set[str]) -> int:
+        """Delete every entry whose key is not in ``used`` (the run's cases as they are now); returns how many.
+
+        A key names the files' size and time: once a case's file changes, its old entry is never read again and
+        would only take disk. Only the writing process deletes; a failure leaves the entry (best effort).
+        """
+        if not self._owner or not self.folder.is_dir():
+            return 0
+        removed = 0
+        for path in self.folder.glob(f"*{SUFFIX}"):
+            if path.name.startswith(".") or path.name[: -len(SUFFIX)] in used:
+                continue  # a hidden name is a write in progress or its leftover: RunFolder removes those
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+        return removed
 
 
 def _free_bytes(folder: Path) -> int | None:
