@@ -60,27 +60,33 @@ def test_the_real_nifti_files_read_as_simpleitk_reads_them() -> None:
 
 
 def nifti1(values: np.ndarray, order: str, datatype: int, slope: float = 0.0, inter: float = 0.0,
-           dims: tuple[int, ...] | None = None) -> bytes:  # fmt: skip
-    """A NIfTI-1 file (header, 4 bytes of extension flag, voxels) in byte order ``order``, qform = scaled axes."""
+           dims: tuple[int, ...] | None = None, qfac: float = 1.0, quaternion: tuple[float, float, float] = (0, 0, 0),
+           ) -> bytes:  # fmt: skip
+    """A NIfTI-1 file (header, 4 bytes of extension flag, voxels) in byte order ``order``; its qform rotates by
+    ``quaternion`` (b, c, d) and ``qfac`` -1 mirrors the slice axis."""
     dims = dims or (3, *values.shape[::-1])
     header = bytearray(348)
     struct.pack_into(order + "i", header, 0, 348)
     struct.pack_into(order + "8h", header, 40, *dims, *([1] * (8 - len(dims))))
     struct.pack_into(order + "2h", header, 70, datatype, values.dtype.itemsize * 8)
-    struct.pack_into(order + "8f", header, 76, 1.0, 0.8, 0.8, 2.0, 1.0, 1.0, 1.0, 1.0)
+    struct.pack_into(order + "8f", header, 76, qfac, 0.8, 0.8, 2.0, 1.0, 1.0, 1.0, 1.0)
     struct.pack_into(order + "f", header, 108, 352.0)
     struct.pack_into(order + "2f", header, 112, slope, inter)
     struct.pack_into(order + "2h", header, 252, 1, 0)  # qform_code 1 (scanner), sform_code 0
-    struct.pack_into(order + "6f", header, 256, 0.0, 0.0, 0.0, -40.0, 25.0, -60.0)
+    struct.pack_into(order + "6f", header, 256, *quaternion, -40.0, 25.0, -60.0)
     header[344:348] = b"n+1\0"
     voxels = values.astype(values.dtype.newbyteorder(order)).tobytes()
     return bytes(header) + b"\0\0\0\0" + voxels
 
 
-def test_big_endian_files_read_as_simpleitk_reads_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "qform", [{}, {"qfac": -1.0}, {"quaternion": (0.0, 0.0, 1.0)}, {"qfac": -1.0, "quaternion": (0.1, 0.2, 0.3)}],
+    ids=["axes", "mirrored_slices", "rotated_180", "oblique_mirrored"],
+)
+def test_big_endian_files_read_as_simpleitk_reads_them(qform: dict, tmp_path: Path) -> None:
     values = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) * 37 - 1000
     path = tmp_path / "big_endian.nii.gz"
-    path.write_bytes(gzip.compress(nifti1(values, ">", 4)))
+    path.write_bytes(gzip.compress(nifti1(values, ">", 4, **qform)))
     theirs = sitk.ReadImage(str(path))
     assert niftigz.image_from_nifti_content(path, gzip.decompress(path.read_bytes())) is not None
     assert_same_image(read_volume(path), theirs)
