@@ -329,3 +329,36 @@ def _assert_no_torch(args: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "TORCH False" in done.stdout, done.stdout[-500:] + done.stderr[-500:]
+
+
+def test_busy_cores_since_the_command_line_started_leave_out_this_processs_own_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a reading taken when the command line started: no wait, and this process's own CPU time (it was
+    importing and reading meanwhile) is not taken for another process's."""
+    sys_cpu = _fake_topology(tmp_path / "cpu", [(0, 0), (0, 1)])
+    stat = tmp_path / "stat"
+    own = iter([1.0, 2.0, 1.0, 3.5])  # this process's CPU seconds at each reading
+    monkeypatch.setattr(cpu, "_own_cpu_seconds", lambda: next(own))
+    monkeypatch.setattr(cpu, "_clock_ticks", lambda: 100)
+    monkeypatch.setattr(cpu.time, "sleep", lambda seconds: pytest.fail("no wait when the reading is old enough"))
+
+    def started_5_s_ago() -> tuple:
+        stat.write_text("cpu  0 0 0 0 0\ncpu0 100 0 0 100 0\ncpu1 100 0 0 100 0\n")
+        when, times, seconds = cpu.watch_point(stat)
+        return when - 5.0, times, seconds
+
+    # Each CPU ran 500 jiffies since: 560 busy in all, 100 of them this process's (1.0 s): the others kept
+    # 460 / 500 = 0.92 of a CPU busy.
+    start = started_5_s_ago()
+    stat.write_text("cpu  0 0 0 0 0\ncpu0 600 0 0 100 0\ncpu1 160 0 0 540 0\n")
+    assert cpu.busy_cores([0, 1], stat=stat, sys_cpu=sys_cpu, since=start) == 1
+    # 300 busy, 250 of them this process's (2.5 s: more than one thread at times): the others 0.1 of a CPU.
+    start = started_5_s_ago()
+    stat.write_text("cpu  0 0 0 0 0\ncpu0 350 0 0 350 0\ncpu1 150 0 0 550 0\n")
+    assert cpu.busy_cores([0, 1], stat=stat, sys_cpu=sys_cpu, since=start) == 0
+    # A reading younger than the sample interval: the usual wait and two readings instead.
+    waited: list[float] = []
+    monkeypatch.setattr(cpu.time, "sleep", waited.append)
+    fresh = (cpu.time.monotonic(), {}, 0.0)
+    assert cpu.busy_cores([0, 1], interval=0.2, stat=stat, sys_cpu=sys_cpu, since=fresh) == 0 and waited == [0.2]

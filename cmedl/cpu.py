@@ -12,7 +12,8 @@ Thread rule (:func:`inference_threads`), first match wins:
    ``/sys/devices/system/cpu/cpuN/topology`` their (package, core) pairs, so hyperthread siblings count once;
    a cgroup CPU quota (``cpu.max``, as a container limit sets) caps it. Without ``/sys`` the affinity set's
    size is used, and without that ``os.cpu_count()``. Cores other processes keep busy when the thread count
-   is chosen (:func:`busy_cores`: CPU times over 0.2 s) are left out, keeping at least one.
+   is chosen (:func:`busy_cores`: CPU times since the command line started, less its own; elsewhere over a
+   0.2 s wait) are left out, keeping at least one.
 
 One thread per physical core: a convolution keeps a core's vector units busy, and a second hyperthread on
 the same core only competes for them. And no thread for a core another process keeps busy: every parallel
@@ -39,6 +40,8 @@ _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 _cli_process = False
+# Where the command line started watching the CPUs (mark_cli_process): (monotonic s, /proc/stat, own CPU s).
+_watch_start: tuple[float, dict[int, list[int]], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,11 @@ def mark_cli_process() -> None:
     Only then does inference set torch's thread count (:func:`cmedl.inference.configure_threads`): imported as a
     library, inside Slicer's own Python or a user's script, the engine leaves the host's threads alone.
     """
-    global _cli_process
+    global _cli_process, _watch_start
     _cli_process = True
+    # The CPUs are watched from now on: when the thread count is chosen, after the imports and the reading of the
+    # input, the window is seconds long and nothing waits for it (busy_cores).
+    _watch_start = watch_point()
 
 
 def is_cli_process() -> bool:
@@ -135,19 +141,48 @@ def cgroup_cpu_limit(path: Path = _CGROUP_CPU_MAX) -> int | None:
         return None
 
 
+def watch_point(stat: Path = _PROC_STAT) -> tuple[float, dict[int, list[int]], float] | None:
+    """A reading to measure the other processes' CPU use from: (monotonic seconds, ``/proc/stat`` jiffies per CPU,
+    this process's CPU seconds); None where ``/proc/stat`` cannot be read."""
+    times = _cpu_times(stat)
+    return None if times is None else (time.monotonic(), times, _own_cpu_seconds())
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    used = os.times()
+    return used.user + used.system
+
+
+def _clock_ticks() -> int:
+    """Jiffies per second in ``/proc/stat``."""
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):
+        return 100
+
+
 def busy_cores(
     cpus: list[int] | None = None,
     interval: float = BUSY_SAMPLE_SECONDS,
     stat: Path = _PROC_STAT,
     sys_cpu: Path = _SYS_CPU,
+    since: tuple[float, dict[int, list[int]], float] | None = None,
 ) -> int:
     """Physical cores among ``cpus`` that other processes keep busy now.
 
-    Two readings of ``/proc/stat``, ``interval`` seconds apart, while this process waits: a logical CPU more than
-    half busy in between makes its core busy. Where ``/proc/stat`` cannot be read, the whole part of the 1-minute
-    load average is the count instead (that average also remembers the last minute, a run just finished too).
+    With ``since`` (a :func:`watch_point` at least ``interval`` seconds old, as the command line takes when it
+    starts): the CPUs' busy time since then, less this process's own CPU time, in whole CPUs (each CPU's worth more
+    than half used), without waiting. Otherwise two readings of ``/proc/stat``, ``interval`` seconds apart, while
+    this process waits: a logical CPU more than half busy in between makes its core busy. Where ``/proc/stat``
+    cannot be read, the whole part of the 1-minute load average is the count instead (that average also remembers
+    the last minute, a run just finished too).
     """
     cpus = usable_cpus() if cpus is None else cpus
+    if since is not None and time.monotonic() - since[0] >= interval:
+        now = watch_point(stat)
+        if now is not None:
+            return _busy_since(since, now, cpus, sys_cpu)
     first = _cpu_times(stat)
     if first is None:
         try:
@@ -167,6 +202,38 @@ def busy_cores(
             busy_cpus.append(cpu)
     cores = core_ids(cpus, sys_cpu)
     return len({cores[cpu] for cpu in busy_cpus}) if cores is not None else len(busy_cpus)
+
+
+def _busy_since(
+    start: tuple[float, dict[int, list[int]], float],
+    now: tuple[float, dict[int, list[int]], float],
+    cpus: list[int],
+    sys_cpu: Path,
+) -> int:
+    """Physical cores' worth of other processes' work between two :func:`watch_point` readings.
+
+    This process ran in between (a busy sample cannot tell its CPU from another's), so its own CPU time is
+    subtracted from the CPUs' busy time; what is left, in CPUs' worth of the window, rounded (a CPU more than half
+    used counts), is the count. Busy CPUs are taken to lie on distinct cores, as the scheduler spreads work.
+    """
+    busy = 0.0
+    spans = []
+    for cpu in cpus:
+        before, after = start[1].get(cpu), now[1].get(cpu)
+        if before is None or after is None:
+            continue
+        total = sum(after) - sum(before)
+        idle = (after[3] + after[4]) - (before[3] + before[4])  # idle and iowait
+        busy += total - idle
+        spans.append(total)
+    if not spans or sum(spans) <= 0:
+        return 0
+    window = sum(spans) / len(spans)
+    others = max(0.0, busy - (now[2] - start[2]) * _clock_ticks())
+    busy_cpus = int(others / window + 0.5)
+    cores = core_ids(cpus, sys_cpu)
+    physical = len(set(cores.values())) if cores is not None else len(cpus)
+    return min(busy_cpus, physical)
 
 
 def _cpu_times(stat: Path) -> dict[int, list[int]] | None:
@@ -208,7 +275,7 @@ def inference_threads(
     if quota is not None and quota < count:
         count, how = quota, f"{how}, capped at {quota} by the cgroup CPU quota"
     if count > 1:
-        busy = busy_cores() if busy is None else busy
+        busy = busy_cores(since=_watch_start) if busy is None else busy
         idle = max(1, count - busy)
         if idle < count:
             return ThreadChoice(idle, f"{how}, {count - idle} busy with other processes")
