@@ -173,3 +173,18 @@ def test_validation_on_the_fast_path_gives_the_reference_probabilities(
         assert np.array_equal((fast[z][1] >= 0.5)[clear], (reference[z][1] >= 0.5)[clear])
     after = network.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)  # the student itself is not changed
+
+
+def test_the_status_says_how_far_the_data_preparation_is(small_phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    seen: list[tuple[int, str, str]] = []
+
+    def record(event: dict) -> None:
+        if event.get("event") == "progress" and event["stage"] == "data":
+            status = RunFolder(out).read_status()
+            seen.append((event["done"], status.get("stage"), status.get("message", "")))
+
+    config = TrainConfig.from_dict({**TINY, "ct": str(small_phantoms / "ct"), "out": str(out), "epochs": 1})
+    assert Trainer(config, progress=CallbackProgress(record)).fit()["state"] == "finished"
+    assert seen[0] == (0, "data", "preparing data: case 1 of 4")
+    assert all(stage == "data" and message.startswith("preparing data: case ") for _, stage, message in seen)

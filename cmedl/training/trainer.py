@@ -234,7 +234,12 @@ class Trainer:
             cache = PreparedVolumeCache(self.run.volume_cache_path, writable=self.main, log=self._log)
         prepared: list[PreparedVolume] = []
         from_cache, used_keys = 0, set()
+        written_at = -math.inf
         for index, (case, normalise) in enumerate(jobs):
+            # status.json says how far the preparation is (minutes for many real CTs); at most once a second.
+            if time.monotonic() - written_at >= 1.0:
+                self._write_stage("data", f"preparing data: case {index + 1} of {len(jobs)}")
+                written_at = time.monotonic()
             self.progress.update("data", index, len(jobs), "cases")
             is_ct, label_value = normalise is normalise_ct, config.label_value
             volume, key = None, None
