@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import shared_data
 
-from cmedl import niftigz
+from cmedl import niftigz, volumes
 from cmedl.errors import InputError
 from cmedl.volumes import read_volume
 
@@ -124,3 +124,20 @@ def test_a_truncated_or_damaged_file_is_still_refused(tmp_path: Path) -> None:
     path.write_bytes(short)
     with pytest.raises(InputError, match="truncated"):
         read_volume(path)
+
+
+def test_one_decompression_only_where_memory_allows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass read holds the file and the image at once; with too little memory the input is checked as it
+    streams and SimpleITK reads it, as before, and the image is the same."""
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(oblique_image("int16", shape=(20, 30, 40)), str(path))
+    needed = 2 * (352 + 20 * 30 * 40 * 2)
+    assert niftigz.one_pass_fits(path, available=2 * needed)
+    assert not niftigz.one_pass_fits(path, available=2 * needed - 1)
+    (tmp_path / "not_gzip.nii.gz").write_bytes(b"plain bytes")
+    assert not niftigz.one_pass_fits(tmp_path / "not_gzip.nii.gz", available=1 << 40)
+    monkeypatch.setattr(niftigz, "available_ram_bytes", lambda: needed)
+    monkeypatch.setattr(
+        volumes, "image_from_nifti_content", lambda *args: pytest.fail("no one-pass read without the memory")
+    )
+    assert_same_image(read_volume(path), sitk.ReadImage(str(path)))

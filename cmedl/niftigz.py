@@ -3,7 +3,8 @@
 Every ``.nii.gz`` input is inflated to its end before it is used (:mod:`cmedl.imagefiles`): SimpleITK reads a
 cut-off or damaged one without complaint. Letting SimpleITK then read the file would inflate it a second time;
 on a 512 x 512 x 300 CT that second pass is about half the reading time, and reading is most of what a GPU run
-spends on a CT. So the voxels are taken from the checked decompression itself.
+spends on a CT. So the voxels are taken from the checked decompression itself, where memory allows
+(:func:`one_pass_fits`).
 
 SimpleITK stays the judge of the geometry: :func:`image_from_nifti_content` asks its NIfTI reader for the
 header's meaning (size, pixel type, origin, spacing, direction, which it derives from the qform or sform) and
@@ -14,13 +15,16 @@ intensity scaling (``scl_slope``/``scl_inter``), which ITK applies while reading
 
 from __future__ import annotations
 
+import gzip
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from cmedl.imagefiles import read_nifti_header
+from cmedl.memory import available_ram_bytes
 
 # NIfTI datatype codes the fast path takes, with the numpy type of their voxels and ITK's pixel type for them.
 _PLAIN_TYPES: dict[int, tuple[str, int]] = {
@@ -33,6 +37,22 @@ _PLAIN_TYPES: dict[int, tuple[str, int]] = {
     512: ("u2", sitk.sitkUInt16),
     768: ("u4", sitk.sitkUInt32),
 }
+
+
+def one_pass_fits(path: str | Path, available: int | None = None) -> bool:
+    """Whether reading ``path`` in one decompression fits in memory: it holds the decompressed file and the
+    image's copy of its voxels at once (SimpleITK's own read holds one), and they may take at most half of the
+    memory available now (``available`` bytes, default :func:`cmedl.memory.available_ram_bytes`). Only the first
+    bytes are decompressed to tell; a file that is not a NIfTI, or damaged, is left to the usual read."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            header = read_nifti_header(handle.read(540))
+    except (OSError, EOFError, zlib.error):
+        return False
+    if header is None or header.voxel_bytes is None:
+        return False
+    available = available_ram_bytes() if available is None else available
+    return available is None or 2 * (header.voxel_offset + header.voxel_bytes) <= available // 2
 
 
 def image_from_nifti_content(path: str | Path, content: bytes | bytearray) -> sitk.Image | None:

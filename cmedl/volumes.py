@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from cmedl.errors import InputError, OutputError
 from cmedl.filebase import PARTIAL_SUFFIX, default_file_mode, flush_to_disk, temp_file_beside
 from cmedl.imagefiles import ImageFileError, check_image_file, inflate_nifti_gz
-from cmedl.niftigz import image_from_nifti_content
+from cmedl.niftigz import image_from_nifti_content, one_pass_fits
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
@@ -128,7 +128,7 @@ def _read_checked(path: Path) -> sitk.Image:
         # its voxels are then taken from that one decompression (cmedl.niftigz) where the file allows it.
         content = None
         try:
-            if suffix_of(path) == ".nii.gz":
+            if suffix_of(path) == ".nii.gz" and one_pass_fits(path):
                 content = inflate_nifti_gz(path)
             else:
                 check_image_file(path)
