@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -207,3 +208,36 @@ def test_a_run_on_a_cpu_with_native_bf16_trains_in_bf16_and_exports_fp32_weights
     assert "in bf16 autocast" in (out / "train.log").read_text()
     model = load_model(out / "model.safetensors")
     assert {parameter.dtype for parameter in model.network.parameters()} == {torch.float32}
+
+
+def test_cpu_training_steps_a_fused_adam_with_the_update_of_torchs_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmedl.training.objectives import build_objective
+
+    config = TrainConfig.from_dict({**TINY, "ct": "ct", "out": "run", "weight_decay": 1e-4}).validate()
+    torch.manual_seed(0)
+    objective = build_objective(config, torch.device("cpu"), None)
+    fused = objective.optimizers["student"]
+    assert fused.defaults["fused"] is True
+    twin = copy.deepcopy(objective.student)
+    plain = torch.optim.Adam(twin.parameters(), lr=config.lr_segmentor, betas=config.betas, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for mine, theirs in zip(objective.student.parameters(), twin.parameters()):
+            mine.grad = torch.randn(mine.shape, generator=generator)
+            theirs.grad = mine.grad.clone()
+        fused.step()
+        plain.step()
+    for mine, theirs in zip(objective.student.parameters(), twin.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+    # A torch that fuses Adam on GPUs only (before 2.4) gets the plain one.
+    real_adam = torch.optim.Adam
+
+    def adam_without_cpu_fusion(parameters, **settings):
+        if settings.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real_adam(parameters, **settings)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_cpu_fusion)
+    fallback = build_objective(config, torch.device("cpu"), None).optimizers["student"]
+    assert not fallback.defaults.get("fused") and len(fallback.param_groups[0]["params"]) > 0

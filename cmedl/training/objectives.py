@@ -69,6 +69,19 @@ class Objective:
     def autocast(self):
         return autocast_context(self.device, self.amp_dtype)
 
+    def adam(self, parameters: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+        """Adam with the run's betas. On a CPU its fused implementation: one kernel over all parameters instead of
+        a few small operations per tensor, 5-6 times faster per step (``benchmarks/README.md``) for the same
+        update rule; elsewhere torch's default."""
+        parameters = list(parameters)  # tensors or parameter groups; a generator would not survive a second try
+        settings = {"lr": lr, "betas": self.config.betas, "weight_decay": weight_decay}
+        if self.device.type == "cpu":
+            try:
+                return torch.optim.Adam(parameters, fused=True, **settings)
+            except (RuntimeError, ValueError):  # torch before 2.4 fuses Adam on GPUs only
+                pass
+        return torch.optim.Adam(parameters, **settings)
+
     def train(self) -> None:
         for network in self.networks.values():
             network.train()
@@ -231,11 +244,8 @@ class CTOnlyObjective(Objective):
     def __init__(self, config: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> None:
         super().__init__(config, device, amp_dtype)
         self.networks["student"] = build_network(config).to(device)
-        self.optimizers["student"] = torch.optim.Adam(
-            self.segmentor_parameters(self.student),
-            lr=config.lr_segmentor,
-            betas=config.betas,
-            weight_decay=config.weight_decay,
+        self.optimizers["student"] = self.adam(
+            self.segmentor_parameters(self.student), lr=config.lr_segmentor, weight_decay=config.weight_decay
         )
         # The same schedule as every CMEDL optimiser, so the two methods differ only in their losses.
         self.add_linear_decay("student")
@@ -307,22 +317,14 @@ class CMEDLObjective(Objective):
             self.networks["translator"] = self.translator
         self.networks["teacher"] = build_network(config).to(device)
         self.networks["student"] = build_network(config).to(device)
-        betas = config.betas
         if self.translator is not None:
-            self.optimizers["generators"] = torch.optim.Adam(
-                self.translator.generators(), lr=config.lr_translator, betas=betas
-            )
-            self.optimizers["discriminators"] = torch.optim.Adam(
-                self.translator.discriminators(), lr=config.lr_translator, betas=betas
-            )
-        self.optimizers["teacher"] = torch.optim.Adam(
-            self.networks["teacher"].parameters(), lr=config.lr_segmentor, betas=betas, weight_decay=config.weight_decay
+            self.optimizers["generators"] = self.adam(self.translator.generators(), lr=config.lr_translator)
+            self.optimizers["discriminators"] = self.adam(self.translator.discriminators(), lr=config.lr_translator)
+        self.optimizers["teacher"] = self.adam(
+            self.networks["teacher"].parameters(), lr=config.lr_segmentor, weight_decay=config.weight_decay
         )
-        self.optimizers["student"] = torch.optim.Adam(
-            self.segmentor_parameters(self.student),
-            lr=config.lr_segmentor,
-            betas=betas,
-            weight_decay=config.weight_decay,
+        self.optimizers["student"] = self.adam(
+            self.segmentor_parameters(self.student), lr=config.lr_segmentor, weight_decay=config.weight_decay
         )
         for name in self.optimizers:
             self.add_linear_decay(name)
