@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cmedl.errors import InputError, OutputError, RunInUseError
+from cmedl.processes import process_alive
 from cmedl.volumes import atomic_output
 
 MODEL_FILE = "model.safetensors"
@@ -374,32 +375,13 @@ def _process_start(pid: int) -> int | None:
 
 
 def _process_alive(pid: int, process_start: Any, token: Any) -> bool:
-    """Whether the process that wrote a lock on this host still runs."""
+    """Whether the process that wrote a lock on this host still runs (:func:`cmedl.processes.process_alive`, which
+    also tells an exited, unreaped process from a live one) and is the same one: a lock written by this process
+    is ours only with our token, and a pid now held by a process started later means the owner is gone."""
     if pid == os.getpid():
         return token in _HELD_TOKENS
-    if pid <= 0:
+    if not process_alive(pid):
         return False
-    if os.name == "nt":
-        # os.kill(pid, 0) would send CTRL_C_EVENT on Windows.
-        try:
-            import psutil
-
-            return psutil.pid_exists(pid)
-        except ImportError:
-            return True  # cannot tell: respect the lock
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace").rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return True
-    if stat and stat[0] == "Z":
-        return False  # exited, not yet reaped by its parent
-    # The pid came back for a process started later: the owner is gone.
     return not (isinstance(process_start, int) and _process_start(pid) not in (None, process_start))
 
 
