@@ -16,8 +16,9 @@ from conftest import run_cmedl
 
 import cmedl.batch
 from cmedl import __version__
-from cmedl.batch import PARTIAL_FAILURE_EXIT_CODE, is_batch_input, read_summary
+from cmedl.batch import is_batch_input, read_summary
 from cmedl.cli import main
+from cmedl.errors import PARTIAL_FAILURE_EXIT_CODE
 from cmedl.filebase import file_sha256
 from cmedl.lesions import read_lesions
 from cmedl.modelfile import ModelCard, load_model, save_model

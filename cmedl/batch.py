@@ -38,8 +38,6 @@ from cmedl.segment import Segmenter, input_sha256, segment_to_files
 from cmedl.segment_options import RESULT_OPTIONS, SegmentOptions
 from cmedl.volumes import _dicom_series_ids, atomic_output, list_volumes, stem_of, suffix_of
 
-#: Exit code of a batch in which at least one case failed (the others' results are written).
-PARTIAL_FAILURE_EXIT_CODE = 9
 #: ``--format`` values and the labelmap suffix each gives.
 BATCH_FORMATS = {"seg.nrrd": ".seg.nrrd", "nii.gz": ".nii.gz"}
 LIST_SUFFIX = ".txt"

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 from cmedl import __version__
 from cmedl.cpu import mark_cli_process
 from cmedl.devices import DEFAULT_DEVICE, DEVICES
-from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, NotCTError
+from cmedl.errors import (
+    PARTIAL_FAILURE_EXIT_CODE,
+    CancelledError,
+    CMEDLError,
+    ConfigError,
+    InputError,
+    Interrupted,
+    NotCTError,
+)
 from cmedl.interrupts import stop_signals
 from cmedl.progress import JsonLinesProgress, Progress, TextProgress
 from cmedl.segment_options import SegmentOptions
@@ -210,7 +218,7 @@ def _lesion_lines(rows: list[dict], shown: int = 10) -> list[str]:
 
 def _run_segment_batch(args: argparse.Namespace, progress: Progress, options: Any) -> int:
     """``cmedl segment FOLDER|LIST.txt -o OUT``: see :mod:`cmedl.batch`."""
-    from cmedl.batch import PARTIAL_FAILURE_EXIT_CODE, batch_inputs, run_batch
+    from cmedl.batch import batch_inputs, run_batch
     from cmedl.catalogue import resolve_model
 
     if args.lesions:

@@ -7,6 +7,10 @@ subclass of :class:`CMEDLError`. The command line prints ``str(error)`` as one l
 
 from __future__ import annotations
 
+#: Exit code of a batch in which at least one case failed (the other cases' results are written): not an error
+#: class, since the batch itself completes; beside the error codes so that all codes are listed in one place.
+PARTIAL_FAILURE_EXIT_CODE = 9
+
 
 class CMEDLError(Exception):
     """Base class: a problem the user can act on, reported as one line."""
