@@ -19,6 +19,7 @@ Usage::
     python benchmarks/train_step_time.py --json OUT.json      # also write the figures as JSON
     python benchmarks/train_step_time.py --device cpu --preset paper --methods ct_only --memory-formats \
         contiguous,channels_last --threads 2 --steps 3 --warmup 1   # the layout question on a CPU
+    python benchmarks/train_step_time.py --methods cmedl --amp bf16 --compile --warmup 5   # eager against compiled
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default="ct_only,cmedl", help="comma-separated: ct_only, cmedl")
     parser.add_argument("--memory-formats", default="contiguous",
                         help="comma-separated: contiguous (NCHW, what training uses), channels_last")  # fmt: skip
+    parser.add_argument("--amp", help="comma-separated autocast modes to time (default: all the device offers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every configuration with its networks compiled (torch.compile)")  # fmt: skip
     parser.add_argument("--json", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
@@ -111,8 +115,11 @@ def in_memory_format(batch: dict[str, tuple[torch.Tensor, ...]], layout: torch.m
 
 
 def time_configuration(method: str, amp: str, preset: dict[str, Any], args: argparse.Namespace,
-                       device: torch.device, memory_format: str = "contiguous") -> dict[str, Any]:  # fmt: skip
-    """Seconds per iteration (median and spread over ``args.steps``) and peak GPU memory of one configuration."""
+                       device: torch.device, memory_format: str = "contiguous",
+                       compiled: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Seconds per iteration (median and spread over ``args.steps``) and peak GPU memory of one configuration;
+    ``compiled``: every network of the objective compiled in place (``nn.Module.compile``) first, the compilation
+    paid in the warm-up iterations (their seconds are reported as ``warmup_s``)."""
     torch.manual_seed(0)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     objective = build_objective(config_for(method, preset, args, device), device, amp_dtype)
@@ -120,15 +127,19 @@ def time_configuration(method: str, amp: str, preset: dict[str, Any], args: argp
     for network in objective.networks.values():
         # In place: the optimisers keep the same parameter objects, now in the new layout.
         network.to(memory_format=layout)
+        if compiled:
+            network.compile()
     objective.train()
     batches = [in_memory_format(random_batch(preset, seed), layout) for seed in range(4)]
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    warmup_started = time.perf_counter()
     for index in range(args.warmup):
         objective.step(batches[index % len(batches)])
     synchronize()
+    warmup_seconds = time.perf_counter() - warmup_started
     seconds = []
     for index in range(args.steps):
         start = time.perf_counter()
@@ -139,6 +150,8 @@ def time_configuration(method: str, amp: str, preset: dict[str, Any], args: argp
         "method": method,
         "amp": amp,
         "memory_format": memory_format,
+        "compiled": compiled,
+        "warmup_s": warmup_seconds,
         "s_per_iteration": statistics.median(seconds),
         "min_s": min(seconds),
         "max_s": max(seconds),
@@ -174,22 +187,28 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if unknown:
         raise SystemExit(f"unknown method or memory format: {', '.join(unknown)}")
+    if args.amp:
+        modes = [mode for mode in modes if mode in args.amp.split(",")]
     rows = []
     for method in methods:
         for amp in modes:
             for layout in layouts:
-                row = time_configuration(method, amp, preset, args, device, layout)
-                rows.append(row)
-                print(f"  measured {method} amp={amp} {layout}: {row['s_per_iteration']:.4f} s", flush=True)
+                for compiled in (False, True) if args.compile else (False,):
+                    row = time_configuration(method, amp, preset, args, device, layout, compiled)
+                    rows.append(row)
+                    how = " compiled" if compiled else ""
+                    print(f"  measured {method} amp={amp} {layout}{how}: {row['s_per_iteration']:.4f} s "
+                          f"(warm-up {row['warmup_s']:.1f} s)", flush=True)  # fmt: skip
     baseline = rows[0]["s_per_iteration"]
     print()
-    print(f"{'method':<8} {'amp':<5} {'layout':<13} {'s/iteration':>12} {'min':>8} {'max':>8} "
+    print(f"{'method':<8} {'amp':<5} {'layout':<13} {'compiled':<8} {'s/iteration':>12} {'min':>8} {'max':>8} "
           f"{'x first row':>12} {'peak MiB':>9}")  # fmt: skip
     for row in rows:
         peak = f"{row['peak_gpu_mib']:9.0f}" if "peak_gpu_mib" in row else f"{'-':>9}"
         flag = "" if row["finite_losses"] else "  NON-FINITE LOSS"
         ratio = row["s_per_iteration"] / baseline
-        print(f"{row['method']:<8} {row['amp']:<5} {row['memory_format']:<13} {row['s_per_iteration']:12.4f} "
+        print(f"{row['method']:<8} {row['amp']:<5} {row['memory_format']:<13} {str(row['compiled']):<8} "
+              f"{row['s_per_iteration']:12.4f} "
               f"{row['min_s']:8.4f} {row['max_s']:8.4f} {ratio:12.2f} {peak}{flag}")  # fmt: skip
     if args.json:
         record = {"engine_version": __version__, "torch": torch.__version__, "device": device_name,
