@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import oblique_ct as oblique_ct_of_shape
 from conftest import parameter_node_values
+from scipy import ndimage
 
 from cmedl import cli
 from cmedl.catalogue import builtin_model_path
@@ -59,8 +60,18 @@ def ok_job(result: dict) -> SimpleNamespace:
     return SimpleNamespace(wait=lambda timeout=None, on_event=None: outcome, stderr_tail=lambda: "")
 
 
-def hand_over(folder: Path, ct: sitk.Image, mask: np.ndarray, probabilities: bool) -> tuple[Path, list[dict]]:
-    """What the child leaves in the hand-over folder: the labelmap, the lesion table and maybe the map."""
+def uncertainty_image(ct: sitk.Image, mask: np.ndarray) -> sitk.Image:
+    """uint8 standard deviations over the flips (0-255 for 0-1), as ``cmedl segment --uncertainty`` writes them:
+    high on the lesions' borders, nearly none elsewhere."""
+    edge = np.logical_xor(mask > 0, ndimage.binary_erosion(mask > 0))
+    image = sitk.GetImageFromArray(np.where(edge, 90, 2).astype(np.uint8))
+    image.CopyInformation(ct)
+    return image
+
+
+def hand_over(folder: Path, ct: sitk.Image, mask: np.ndarray, probabilities: bool,
+              uncertainty: bool = False) -> tuple[Path, list[dict]]:  # fmt: skip
+    """What the child leaves in the hand-over folder: the labelmap, the lesion table and maybe the maps."""
     folder.mkdir(parents=True, exist_ok=True)
     label = sitk.GetImageFromArray(mask)
     label.CopyInformation(ct)
@@ -70,6 +81,8 @@ def hand_over(folder: Path, ct: sitk.Image, mask: np.ndarray, probabilities: boo
     write_lesions(folder / "lesions.json", rows, {"model": "test"}, {"removed_lesion_count": 1})
     if probabilities:
         sitk.WriteImage(probability, str(folder / "probabilities.nrrd"))
+    if uncertainty:
+        sitk.WriteImage(uncertainty_image(ct, mask), str(folder / "uncertainty.nrrd"))
     return folder, rows
 
 
@@ -79,7 +92,7 @@ def import_result(mrml, volume, ct, mask, folder: Path, probabilities: bool, seg
     return finish(mrml, volume, folder, probabilities, segmentation, segment_id), rows
 
 
-def finish(mrml, volume, folder: Path, probabilities: bool, segmentation=None, segment_id=None):
+def finish(mrml, volume, folder: Path, probabilities: bool, segmentation=None, segment_id=None, uncertainty=False):
     from CMEDLSegmentLib.segment_logic import SegmentationTask
     from CMEDLSegmentLib.segmentation_nodes import SegmentStyle
 
@@ -87,6 +100,7 @@ def finish(mrml, volume, folder: Path, probabilities: bool, segmentation=None, s
         mrml.scene, volume, SegmentStyle(), ok_job({"device": "cpu", "removed_lesion_count": 1}), folder,
         folder / "segmentation.nrrd", segmentation, segment_id, lesions_path=folder / "lesions.json",
         probabilities_path=folder / "probabilities.nrrd" if probabilities else None,
+        uncertainty_path=folder / "uncertainty.nrrd" if uncertainty else None,
     )  # fmt: skip
     return task.finish()
 
@@ -162,6 +176,30 @@ def test_a_run_asks_the_child_for_the_lesion_table_and_the_map_only_when_shown(c
     assert "--probabilities" not in started[1]
 
 
+def test_with_test_time_augmentation_the_overlay_brings_the_uncertainty_map(chest, monkeypatch, tmp_path) -> None:
+    from CMEDLSegmentLib import segment_logic
+    from CMEDLSegmentLib.segment_logic import UNCERTAINTY_FILE, SegmentationSettings
+
+    mrml, ct, volume, mask = chest
+    started: list[list[str]] = []
+    monkeypatch.setattr(segment_logic.Job, "start", lambda arguments, **kwargs: started.append(arguments) or "job")
+    logic = segment_logic.TumourSegmentationLogic(mrml.scene, work_root=tmp_path)
+    both = logic.start(volume, SegmentationSettings(builtin_model_path(), "cpu", probabilities=True, tta=True))
+    flips_only = logic.start(volume, SegmentationSettings(builtin_model_path(), "cpu", tta=True))
+    map_only = logic.start(volume, SegmentationSettings(builtin_model_path(), "cpu", probabilities=True))
+    assert both.uncertainty_path == both.work_folder / UNCERTAINTY_FILE
+    assert flips_only.uncertainty_path is None and map_only.uncertainty_path is None
+    assert started[0][started[0].index("--uncertainty") + 1] == str(both.uncertainty_path)
+    assert "--uncertainty" not in started[1] and "--uncertainty" not in started[2]
+    # The engine's own parser takes the arguments, and its options ask for the flips the map needs.
+    options = cli._segment_options(cli.build_parser().parse_args(started[0]))
+    assert options.tta and cli.build_parser().parse_args(started[0]).uncertainty == str(both.uncertainty_path)
+    with pytest.raises(InputError, match="test-time augmentation"):
+        SegmentationSettings(builtin_model_path(), "cpu").command_arguments(
+            tmp_path / "ct.nrrd", tmp_path / "seg.nrrd", uncertainty_path=tmp_path / "u.nrrd"
+        )
+
+
 # -- the import step ----------------------------------------------------------------------------------------
 
 
@@ -199,6 +237,42 @@ def test_the_import_step_adds_the_probability_volume_and_keeps_the_lesion_table(
     assert "lesion" not in third.status_line("Lung tumour")
     segmentation.SetAttribute(LESIONS_ATTRIBUTE, '{"lesions": [1, 2]}')  # a hand-edited scene file
     assert LesionTable.of(segmentation) is None
+
+
+def test_the_import_step_adds_the_uncertainty_volume_and_a_rerun_replaces_it(chest, tmp_path: Path) -> None:
+    from CMEDLSegmentLib.lesion_panel import PROBABILITY_ATTRIBUTE, UNCERTAINTY_ROLE
+    from CMEDLSegmentLib.segment_logic import UNCERTAINTY_VISIBLE_FROM
+    from CMEDLSegmentLib.volume_nodes import volume_array
+
+    mrml, ct, volume, mask = chest
+    hand_over(tmp_path / "first", ct, mask, probabilities=True, uncertainty=True)
+    outcome = finish(mrml, volume, tmp_path / "first", True, uncertainty=True)
+    shown = outcome.uncertainty_node
+    assert shown is not None and shown is not outcome.probability_node
+    assert shown.GetName() == "Chest CT uncertainty" and shown.GetAttribute(PROBABILITY_ATTRIBUTE) == "1"
+    np.testing.assert_array_equal(volume_array(shown), sitk.GetArrayFromImage(uncertainty_image(ct, mask)))
+    assert shown.GetDisplayNode().GetLowerThreshold() == np.ceil(UNCERTAINTY_VISIBLE_FROM * 255)
+    segmentation = outcome.segmentation_node
+    assert segmentation.GetNodeReference(UNCERTAINTY_ROLE) is shown
+
+    # A run without the flips into the same segment: the old map goes with the old result.
+    hand_over(tmp_path / "second", ct, mask, probabilities=True)
+    again = finish(mrml, volume, tmp_path / "second", True, segmentation, outcome.segment_id)
+    assert again.uncertainty_node is None and segmentation.GetNodeReference(UNCERTAINTY_ROLE) is None
+    assert mrml.scene.GetNodesByName("Chest CT uncertainty").GetNumberOfItems() == 0
+
+
+def test_an_uncertainty_map_off_the_cts_grid_fails_the_run_and_adds_nothing(chest, tmp_path: Path) -> None:
+    mrml, ct, volume, mask = chest
+    folder, _ = hand_over(tmp_path / "run", ct, mask, probabilities=True)
+    shifted = uncertainty_image(ct, mask)
+    shifted.SetOrigin(tuple(v + 2.0 for v in ct.GetOrigin()))
+    sitk.WriteImage(shifted, str(folder / "uncertainty.nrrd"))
+    volumes = mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(InputError, match="uncertainty map is not on the CT's grid"):
+        finish(mrml, volume, folder, probabilities=True, uncertainty=True)
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
 
 
 def test_a_probability_map_off_the_cts_grid_fails_the_run_and_adds_nothing(chest, tmp_path: Path) -> None:

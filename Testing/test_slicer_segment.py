@@ -255,6 +255,29 @@ def test_the_demo_model_segments_through_the_blocking_path_into_the_same_node(
     assert demo.summary["model"] == "cmedl-demo-unet"
 
 
+def test_a_real_run_with_flips_and_the_overlay_brings_both_maps_on_the_cts_grid(
+    mrml, phantom_ct: sitk.Image, tmp_path: Path
+) -> None:
+    from cmedl.catalogue import resolve_model
+    from CMEDLSegmentLib.segment_logic import SegmentationSettings, TumourSegmentationLogic
+    from CMEDLSegmentLib.volume_nodes import add_volume_from_image, volume_array, volume_node_to_image
+
+    node = add_volume_from_image(mrml.scene, phantom_ct, "CT")
+    logic = TumourSegmentationLogic(mrml.scene, work_root=tmp_path)
+    settings = SegmentationSettings(resolve_model("demo"), device="cpu", probabilities=True, tta=True)
+    outcome = logic.segment(node, settings)
+    assert outcome.summary["tta"] is True
+    probability, uncertainty = volume_array(outcome.probability_node), volume_array(outcome.uncertainty_node)
+    assert probability.shape == uncertainty.shape == sitk.GetArrayViewFromImage(phantom_ct).shape
+    placed = volume_node_to_image(outcome.uncertainty_node)
+    np.testing.assert_allclose(placed.GetOrigin(), phantom_ct.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(placed.GetDirection(), phantom_ct.GetDirection(), atol=1e-9)
+    # The flips disagree somewhere, and only where the model sees something: nowhere outside the lung region.
+    roi = sitk.GetArrayFromImage(detect_lungs(phantom_ct).roi_mask).astype(bool)
+    assert uncertainty.max() > 0 and not np.any(uncertainty[~roi])
+    assert list(tmp_path.iterdir()) == [], "the hand-over folder is removed"
+
+
 def test_automatic_mode_reacts_to_ct_only(mrml, phantom_ct: sitk.Image) -> None:
     import slicer
 

@@ -286,13 +286,15 @@ def add_probability_volume(
     name: str | None = None,
     visible_from: float = DEFAULT_VISIBLE_FROM,
     tolerance_mm: float = 1e-3,
+    what: str = "probability map",
 ):
     """Add the engine's probability map (uint8, 0-255 for 0-1) as a scalar volume with a colour table.
 
-    ``probabilities`` is the image or its file (``cmedl segment --probabilities``); it must lie on the
-    reference CT's grid. The display maps 0-255 onto the colour table and leaves voxels below
-    ``visible_from`` (a probability, 0-1) transparent, so the CT shows through where the model sees nothing.
-    The new node sits under the CT's parent transform; it is not shown yet (:func:`show_probability_overlay`).
+    ``probabilities`` is the image or its file (``cmedl segment --probabilities``, or ``--uncertainty``, a map of
+    the same form; ``what`` names it in errors); it must lie on the reference CT's grid. The display maps 0-255
+    onto the colour table and leaves voxels below ``visible_from`` (a probability, 0-1) transparent, so the CT
+    shows through where the model sees nothing. The new node sits under the CT's parent transform; it is not
+    shown yet (:func:`show_probability_overlay`).
     """
     if not isinstance(probabilities, sitk.Image):
         path = Path(probabilities)
@@ -300,10 +302,10 @@ def add_probability_volume(
             probabilities = sitk.ReadImage(str(path))
         except RuntimeError as error:
             lines = [line for line in str(error).splitlines() if line.strip()]
-            raise InputError(f"cannot read the probability map {path.name}: {lines[-1] if lines else error}") from None
+            raise InputError(f"cannot read the {what} {path.name}: {lines[-1] if lines else error}") from None
     reference = volume_node_to_image(reference_volume_node)
     if probabilities.GetSize() != reference.GetSize():
-        raise InputError(f"the probability map has size {probabilities.GetSize()}, the CT {reference.GetSize()}")
+        raise InputError(f"the {what} has size {probabilities.GetSize()}, the CT {reference.GetSize()}")
     corners = [(0, 0, 0), tuple(n - 1 for n in reference.GetSize())]
     offset = max(
         float(np.max(np.abs(np.subtract(
@@ -312,7 +314,7 @@ def add_probability_volume(
         for corner in corners
     )  # fmt: skip
     if offset > tolerance_mm:
-        raise InputError(f"the probability map is not on the CT's grid (corners differ by {offset:.3f} mm)")
+        raise InputError(f"the {what} is not on the CT's grid (corners differ by {offset:.3f} mm)")
     node = add_volume_from_image(
         scene, sitk.Cast(probabilities, sitk.sitkUInt8), name or f"{reference_volume_node.GetName()} probability"
     )

@@ -38,6 +38,7 @@ LESIONS_ATTRIBUTE = "CMEDL.LesionTable"
 VOLUME_ROLE = "cmedlLesionVolume"  # the CT the lesions were measured on
 PROBABILITY_ROLE = "cmedlProbabilityVolume"  # the run's tumour probability map, when it was asked for
 PROBABILITY_ATTRIBUTE = "CMEDL.Probability"  # set by lesion_nodes.add_probability_volume on its nodes
+UNCERTAINTY_ROLE = "cmedlUncertaintyVolume"  # the run's uncertainty map (test-time augmentation with the overlay)
 TABLE_VERSION = 1
 COLUMNS = ("#", "Volume (mL)", "Long x short", "Peak p", "Location")
 EDITED_TEXT = (
@@ -54,18 +55,21 @@ def record_result(
     volume_node: Any,
     rows: list[dict] | None,
     probability_node: Any = None,
+    uncertainty_node: Any = None,
 ) -> None:
     """Keep the lesion ``rows`` of segment ``segment_id`` (just written from ``volume_node``) on the node.
 
     ``rows`` None (an engine that gave no table) removes the previous run's table rather than leaving it beside
-    a result it does not describe. The previous run's probability map of this segmentation is removed from the
-    scene for the same reason (only a node :func:`~CMEDLSegmentLib.lesion_nodes.add_probability_volume` made).
+    a result it does not describe. The previous run's probability and uncertainty maps of this segmentation are
+    removed from the scene for the same reason (only nodes
+    :func:`~CMEDLSegmentLib.lesion_nodes.add_probability_volume` made).
     """
-    old = segmentation_node.GetNodeReference(PROBABILITY_ROLE)
-    if old is not None and old is not probability_node and old.GetAttribute(PROBABILITY_ATTRIBUTE) == "1":
-        _remove_volume(old)
+    for role, node in ((PROBABILITY_ROLE, probability_node), (UNCERTAINTY_ROLE, uncertainty_node)):
+        old = segmentation_node.GetNodeReference(role)
+        if old is not None and old is not node and old.GetAttribute(PROBABILITY_ATTRIBUTE) == "1":
+            _remove_volume(old)
+        segmentation_node.SetNodeReferenceID(role, node.GetID() if node else None)
     segmentation_node.SetNodeReferenceID(VOLUME_ROLE, volume_node.GetID())
-    segmentation_node.SetNodeReferenceID(PROBABILITY_ROLE, probability_node.GetID() if probability_node else None)
     if rows is None:
         segmentation_node.RemoveAttribute(LESIONS_ATTRIBUTE)
         return

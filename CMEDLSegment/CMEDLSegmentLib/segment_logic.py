@@ -6,8 +6,9 @@ and only when the child has finished cleanly is its labelmap read and written in
 cancelled run adds nothing to the scene, and the input volume node is only ever read.
 
 The child also writes the lesion table (``--lesions``) and, when the panel asks for the overlay, the tumour
-probability map (``--probabilities``) into the hand-over folder; the import step adds the map as a colour
-volume and keeps the table on the segmentation node (:func:`CMEDLSegmentLib.lesion_panel.record_result`).
+probability map (``--probabilities``) into the hand-over folder, and with test-time augmentation the per-voxel
+uncertainty map (``--uncertainty``) too; the import step adds the maps as colour volumes and keeps the table on
+the segmentation node (:func:`CMEDLSegmentLib.lesion_panel.record_result`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from CMEDLSegmentLib.volume_nodes import read_labelmap_on_grid, write_volume_nod
 # The hand-over folder's files besides the input and the labelmap.
 LESIONS_FILE = "lesions.json"
 PROBABILITIES_FILE = "probabilities.nrrd"
+UNCERTAINTY_FILE = "uncertainty.nrrd"
+# The uncertainty map (standard deviation over the flips, 0-255 for 0-1) is transparent below this; the deviation
+# of three probabilities is at most 0.47, so the probability overlay's 0.1 would hide most of what it shows.
+UNCERTAINTY_VISIBLE_FROM = 0.05
 
 _DEFAULTS = SegmentOptions()
 # Parameter node field (the panel's) -> the SegmentOptions field of the same meaning, whose default it has.
@@ -88,9 +93,10 @@ class SegmentationSettings:
         output_path: Path,
         lesions_path: Path | None = None,
         probabilities_path: Path | None = None,
+        uncertainty_path: Path | None = None,
     ) -> list[str]:
-        """The ``cmedl segment`` arguments for these settings, writing the lesion table and the probability map
-        to the paths given (None: not written)."""
+        """The ``cmedl segment`` arguments for these settings, writing the lesion table, the probability map and
+        (with ``tta``) the uncertainty map to the paths given (None: not written)."""
         if self.device not in DEVICES:
             raise InputError(f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
         arguments = [
@@ -111,6 +117,10 @@ class SegmentationSettings:
             arguments += ["--lesions", str(lesions_path)]
         if probabilities_path is not None:
             arguments += ["--probabilities", str(probabilities_path)]
+        if uncertainty_path is not None:
+            if not self.tta:
+                raise InputError("the uncertainty map needs test-time augmentation")
+            arguments += ["--uncertainty", str(uncertainty_path)]
         if self.force:
             arguments.append("--force")
         return arguments
@@ -129,6 +139,7 @@ class SegmentationOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
     lesions: list[dict[str, Any]] | None = None  # the lesion table rows (None: the engine gave none)
     probability_node: Any = None  # the tumour probability volume, when the run was asked for it
+    uncertainty_node: Any = None  # the uncertainty volume, when the run was asked for the map with tta
 
     def status_line(self, segment_name: str) -> str:
         """The one-line result a user reads, e.g. ``Lung tumour: 12.4 mL in 2 lesions, 38 s on cuda``.
@@ -157,6 +168,7 @@ class SegmentationTask:
         segment_id: str | None = None,
         lesions_path: Path | None = None,
         probabilities_path: Path | None = None,
+        uncertainty_path: Path | None = None,
     ) -> None:
         self.scene = scene
         self.volume_node = volume_node
@@ -168,6 +180,7 @@ class SegmentationTask:
         self.segment_id = segment_id
         self.lesions_path = lesions_path
         self.probabilities_path = probabilities_path
+        self.uncertainty_path = uncertainty_path
         self.started = time.monotonic()
         self._finished = False
 
@@ -215,14 +228,15 @@ class SegmentationTask:
     def finish(self) -> SegmentationOutcome:
         """Import the child's result into the scene once it has ended; raises the engine's error otherwise.
 
-        The segment, the probability volume (when the run wrote one) and the lesion table go in together:
+        The segment, the probability and uncertainty volumes (when the run wrote them) and the lesion table go in
+        together:
         a result that cannot be read adds nothing. Always removes the temporary folder. Raises
         :class:`cmedl.errors.CMEDLError` subclasses with the engine's one-line message when the run failed or
         was cancelled.
         """
         if self._finished:
             raise InputError("this segmentation run has already been finished")
-        probability_node = None
+        probability_node = uncertainty_node = None
         try:
             result = self.job.wait()
             result.raise_for_error()
@@ -235,13 +249,24 @@ class SegmentationTask:
                 # Read and checked against the CT's grid before the segment is written, so that a bad map
                 # fails the run instead of leaving a segment without its overlay.
                 probability_node = add_probability_volume(self.scene, self.probabilities_path, self.volume_node)
+            if self.uncertainty_path is not None:
+                uncertainty_node = add_probability_volume(
+                    self.scene,
+                    self.uncertainty_path,
+                    self.volume_node,
+                    name=f"{self.volume_node.GetName()} uncertainty",
+                    visible_from=UNCERTAINTY_VISIBLE_FROM,
+                    what="uncertainty map",
+                )
             written: WrittenSegment = write_mask_to_segment(
                 self.scene, self.volume_node, mask, self.style, self.segmentation_node, self.segment_id
             )
-            record_result(written.segmentation_node, written.segment_id, self.volume_node, rows, probability_node)
+            maps = {"probability_node": probability_node, "uncertainty_node": uncertainty_node}
+            record_result(written.segmentation_node, written.segment_id, self.volume_node, rows, **maps)
         except BaseException:
-            if probability_node is not None:
-                self.scene.RemoveNode(probability_node)
+            for node in (probability_node, uncertainty_node):
+                if node is not None:
+                    self.scene.RemoveNode(node)
             raise
         finally:
             self._finished = True
@@ -256,6 +281,7 @@ class SegmentationTask:
             summary=summary,
             lesions=rows,
             probability_node=probability_node,
+            uncertainty_node=uncertainty_node,
         )
 
     def _lesion_rows(self, summary: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -309,8 +335,10 @@ class TumourSegmentationLogic:
             output_path = work_folder / "segmentation.nrrd"
             lesions_path = work_folder / LESIONS_FILE
             probabilities_path = work_folder / PROBABILITIES_FILE if settings.probabilities else None
+            # The flips' disagreement comes with the overlay: a run that shows the map and averages flips shows both.
+            uncertainty_path = work_folder / UNCERTAINTY_FILE if settings.probabilities and settings.tta else None
             job = Job.start(
-                settings.command_arguments(input_path, output_path, lesions_path, probabilities_path),
+                settings.command_arguments(input_path, output_path, lesions_path, probabilities_path, uncertainty_path),
                 python=self.python_executable,
                 device=settings.device,
             )
@@ -328,6 +356,7 @@ class TumourSegmentationLogic:
             segment_id,
             lesions_path=lesions_path,
             probabilities_path=probabilities_path,
+            uncertainty_path=uncertainty_path,
         )
 
     def segment(
