@@ -262,28 +262,21 @@ def test_the_import_step_adds_the_uncertainty_volume_and_a_rerun_replaces_it(che
     assert mrml.scene.GetNodesByName("Chest CT uncertainty").GetNumberOfItems() == 0
 
 
-def test_an_uncertainty_map_off_the_cts_grid_fails_the_run_and_adds_nothing(chest, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shifted_map", ["probability map", "uncertainty map"])
+def test_a_map_off_the_cts_grid_fails_the_run_and_adds_nothing(shifted_map: str, chest, tmp_path: Path) -> None:
+    """Either map off the CT's grid: no segment and no volume, not even the other map, which was on it."""
     mrml, ct, volume, mask = chest
-    folder, _ = hand_over(tmp_path / "run", ct, mask, probabilities=True)
-    shifted = uncertainty_image(ct, mask)
+    folder, _ = hand_over(tmp_path / "run", ct, mask, probabilities=True, uncertainty=True)
+    make, file = {
+        "probability map": (probability_image, "probabilities.nrrd"),
+        "uncertainty map": (uncertainty_image, "uncertainty.nrrd"),
+    }[shifted_map]
+    shifted = make(ct, mask)
     shifted.SetOrigin(tuple(v + 2.0 for v in ct.GetOrigin()))
-    sitk.WriteImage(shifted, str(folder / "uncertainty.nrrd"))
+    sitk.WriteImage(shifted, str(folder / file))
     volumes = mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    with pytest.raises(InputError, match="uncertainty map is not on the CT's grid"):
+    with pytest.raises(InputError, match=f"the {shifted_map} is not on the CT's grid"):
         finish(mrml, volume, folder, probabilities=True, uncertainty=True)
-    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
-    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
-
-
-def test_a_probability_map_off_the_cts_grid_fails_the_run_and_adds_nothing(chest, tmp_path: Path) -> None:
-    mrml, ct, volume, mask = chest
-    folder, _ = hand_over(tmp_path / "run", ct, mask, probabilities=False)
-    shifted = probability_image(ct, mask)
-    shifted.SetOrigin(tuple(v + 2.0 for v in ct.GetOrigin()))
-    sitk.WriteImage(shifted, str(folder / "probabilities.nrrd"))
-    volumes = mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    with pytest.raises(InputError, match="not on the CT's grid"):
-        finish(mrml, volume, folder, probabilities=True)
     assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
 
