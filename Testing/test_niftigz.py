@@ -80,7 +80,8 @@ def nifti1(values: np.ndarray, order: str, datatype: int, slope: float = 0.0, in
 
 
 @pytest.mark.parametrize(
-    "qform", [{}, {"qfac": -1.0}, {"quaternion": (0.0, 0.0, 1.0)}, {"qfac": -1.0, "quaternion": (0.1, 0.2, 0.3)}],
+    "qform",
+    [{}, {"qfac": -1.0}, {"quaternion": (0.0, 0.0, 1.0)}, {"qfac": -1.0, "quaternion": (0.1, 0.2, 0.3)}],
     ids=["axes", "mirrored_slices", "rotated_180", "oblique_mirrored"],
 )
 def test_big_endian_files_read_as_simpleitk_reads_them(qform: dict, tmp_path: Path) -> None:

@@ -171,7 +171,6 @@ class PreparedVolumeCache:
             self.writable = False
             self._log(f"cache: {error}; training goes on without writing the run's cache of prepared volumes")
 
-
     def remove_unused(self, used: set[str]) -> int:
         """Delete every entry whose key is not in ``used`` (the run's cases as they are now); returns how many.
 
