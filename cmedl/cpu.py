@@ -191,15 +191,8 @@ def busy_cores(
             return 0
     time.sleep(interval)
     second = _cpu_times(stat) or {}
-    busy_cpus = []
-    for cpu in cpus:
-        before, after = first.get(cpu), second.get(cpu)
-        if before is None or after is None:
-            continue
-        total = sum(after) - sum(before)
-        idle = (after[3] + after[4]) - (before[3] + before[4])  # idle and iowait
-        if total > 0 and (total - idle) / total > 0.5:
-            busy_cpus.append(cpu)
+    spans = _spans(first, second, cpus)
+    busy_cpus = [cpu for cpu, (total, busy) in spans.items() if total > 0 and busy / total > 0.5]
     cores = core_ids(cpus, sys_cpu)
     return len({cores[cpu] for cpu in busy_cpus}) if cores is not None else len(busy_cpus)
 
@@ -216,24 +209,30 @@ def _busy_since(
     subtracted from the CPUs' busy time; what is left, in CPUs' worth of the window, rounded (a CPU more than half
     used counts), is the count. Busy CPUs are taken to lie on distinct cores, as the scheduler spreads work.
     """
-    busy = 0.0
-    spans = []
-    for cpu in cpus:
-        before, after = start[1].get(cpu), now[1].get(cpu)
-        if before is None or after is None:
-            continue
-        total = sum(after) - sum(before)
-        idle = (after[3] + after[4]) - (before[3] + before[4])  # idle and iowait
-        busy += total - idle
-        spans.append(total)
-    if not spans or sum(spans) <= 0:
+    spans = _spans(start[1], now[1], cpus)
+    totals = [total for total, _ in spans.values()]
+    if not totals or sum(totals) <= 0:
         return 0
-    window = sum(spans) / len(spans)
+    window = sum(totals) / len(totals)
+    busy = sum(busy for _, busy in spans.values())
     others = max(0.0, busy - (now[2] - start[2]) * _clock_ticks())
     busy_cpus = int(others / window + 0.5)
     cores = core_ids(cpus, sys_cpu)
     physical = len(set(cores.values())) if cores is not None else len(cpus)
     return min(busy_cpus, physical)
+
+
+def _spans(first: dict[int, list[int]], second: dict[int, list[int]], cpus: list[int]) -> dict[int, tuple[int, int]]:
+    """Per CPU of ``cpus`` read both times: (jiffies elapsed, of them busy: neither idle nor iowait)."""
+    spans = {}
+    for cpu in cpus:
+        before, after = first.get(cpu), second.get(cpu)
+        if before is None or after is None:
+            continue
+        total = sum(after) - sum(before)
+        idle = (after[3] + after[4]) - (before[3] + before[4])
+        spans[cpu] = (total, total - idle)
+    return spans
 
 
 def _cpu_times(stat: Path) -> dict[int, list[int]] | None:

@@ -76,6 +76,13 @@ def autocast_dtype(
     return None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``fp32`` for no autocast (None), else ``bf16`` or ``fp16``: how summaries and logs name a precision."""
+    if dtype is None:
+        return "fp32"
+    return "bf16" if str(dtype) == "torch.bfloat16" else "fp16"
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """A context manager running the forward pass in ``dtype`` (a no-op when ``dtype`` is None)."""
     if dtype is None:

@@ -340,9 +340,8 @@ def _inflated(path: Path, offset: int, wbits: int, keep: int = 0) -> tuple[bytea
     """Decompress ``path`` from ``offset`` to the end of its (gzip or zlib) stream, keeping at most ``keep`` bytes.
 
     Returns the first ``keep`` decompressed bytes (all of them when ``keep`` is negative) and the decompressed
-    length. A stream that ends early or
-    fails its checksum raises :class:`ImageFileError`. Several gzip members one after the other (what
-    ``cat a.gz b.gz`` makes) are read as one stream, as gzip readers do.
+    length. A stream that ends early or fails its checksum raises :class:`ImageFileError`. Several gzip members
+    one after the other (what ``cat a.gz b.gz`` makes) are read as one stream, as gzip readers do.
     """
     head = bytearray()
     total = 0

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from cmedl.cpu import ThreadChoice, inference_threads, is_cli_process, native_bf16_flags
-from cmedl.devices import autocast_dtype
+from cmedl.devices import autocast_dtype, precision_name
 from cmedl.memory import available_ram_bytes
 from cmedl.patches import predict_slices
 
@@ -104,14 +104,14 @@ def choose_precision(device: torch.device, mode: str = "auto", flags: frozenset[
     if mode in ("bf16", "fp16"):
         dtype = torch.bfloat16 if mode == "bf16" else torch.float16
         return Precision(mode, dtype, f"{mode} autocast as asked")
+    # The decision is autocast_dtype's, which training follows too; only the reason is worded here.
+    dtype = autocast_dtype(device, "auto", flags)
+    name = precision_name(dtype)
     if device.type == "cuda":
-        dtype = autocast_dtype(device, "auto")
-        name = "bf16" if dtype == torch.bfloat16 else "fp16"
         return Precision(name, dtype, f"{name} autocast on CUDA ({'bf16 supported' if name == 'bf16' else 'no bf16'})")
     if device.type == "cpu":
-        native = native_bf16_flags(flags)
-        if native:
-            return Precision("bf16", torch.bfloat16, f"bf16 autocast: the CPU has {' and '.join(native)}")
+        if dtype is not None:
+            return Precision(name, dtype, f"bf16 autocast: the CPU has {' and '.join(native_bf16_flags(flags))}")
         return Precision("fp32", None, "fp32: the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)")
     return Precision("fp32", None, f"fp32 on {device.type}")
 
@@ -291,8 +291,7 @@ class InferenceEngine:
             self.model = self.network.to(self.device).eval()
             # The reference stays the network as trained: fp32 on a CPU, whatever the CPU offers.
             dtype = autocast_dtype(self.device, "auto") if self.device.type == "cuda" else None
-            name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-            self.precision = Precision(name, dtype, "reference path: mixed precision on CUDA only")
+            self.precision = Precision(precision_name(dtype), dtype, "reference path: mixed precision on CUDA only")
             return
         self.precision = choose_precision(self.device, self.precision_mode)
         model = fold_batchnorm(self.network.to(self.device))

@@ -71,8 +71,8 @@ class Objective:
 
     def adam(self, parameters: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
         """Adam with the run's betas. On a CPU its fused implementation: one kernel over all parameters instead of
-        a few small operations per tensor, 5-6 times faster per step (``benchmarks/README.md``) for the same
-        update rule; elsewhere torch's default."""
+        a few small operations per tensor, 4-8 times faster per step (``benchmarks/adam_step_time.py``) for the
+        same update rule; elsewhere torch's default."""
         parameters = list(parameters)  # tensors or parameter groups; a generator would not survive a second try
         settings = {"lr": lr, "betas": self.config.betas, "weight_decay": weight_decay}
         if self.device.type == "cpu":

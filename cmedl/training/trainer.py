@@ -50,7 +50,7 @@ import torch
 from PIL import Image
 
 from cmedl import __version__, interrupts
-from cmedl.devices import autocast_dtype, resolve_device
+from cmedl.devices import autocast_dtype, precision_name, resolve_device
 from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, OutputError, TrainingError
 from cmedl.inference import InferenceEngine, fast_path_enabled
 from cmedl.memory import available_ram_bytes
@@ -75,7 +75,7 @@ from cmedl.training.data import (
 from cmedl.training.finetune import InitSource, check_init, init_log_lines, initialise_networks, resolve_init
 from cmedl.training.objectives import Objective, build_objective
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
-from cmedl.training.volume_cache import PreparedVolumeCache, cache_key
+from cmedl.training.volume_cache import PreparedVolumeCache
 from cmedl.volumes import atomic_output, normalise_hu, normalise_mr
 
 
@@ -233,7 +233,7 @@ class Trainer:
         if config.cache_volumes:
             cache = PreparedVolumeCache(self.run.volume_cache_path, writable=self.main, log=self._log)
         prepared: list[PreparedVolume] = []
-        from_cache, used_keys = 0, set()
+        from_cache = 0
         written_at = -math.inf
         for index, (case, normalise) in enumerate(jobs):
             # status.json says how far the preparation is (minutes for many real CTs); at most once a second.
@@ -242,26 +242,20 @@ class Trainer:
                 written_at = time.monotonic()
             self.progress.update("data", index, len(jobs), "cases")
             is_ct, label_value = normalise is normalise_ct, config.label_value
-            volume, key = None, None
-            if cache is not None:
+            prepare = functools.partial(
+                prepare_volume, case, config.spacing_mm, normalise, is_ct=is_ct, label_value=label_value
+            )
+            if cache is None:
+                volume = prepare()
+            else:
                 # What normalise_ct and normalise_mri depend on: part of the key.
                 settings = {"hu_window": list(config.hu_window)} if is_ct else {"mr_percentile": config.mr_percentile}
-                try:
-                    key = cache_key(case, config.spacing_mm, settings, is_ct=is_ct, label_value=label_value)
-                except OSError:
-                    key = None  # a file that cannot be examined: prepare_volume says what is wrong with it
-                volume = cache.load(key, case.name) if key is not None else None
-                used_keys.add(key)
-            if volume is not None:
-                from_cache += 1
-            else:
-                volume = prepare_volume(case, config.spacing_mm, normalise, is_ct=is_ct, label_value=label_value)
-                if cache is not None and key is not None:
-                    cache.store(key, volume)
+                volume, cached = cache.prepared(case, config.spacing_mm, settings, is_ct, label_value, prepare)
+                from_cache += cached
             prepared.append(volume)
         self.progress.update("data", len(jobs), len(jobs), "cases")
         if cache is not None:
-            removed = cache.remove_unused(used_keys)
+            removed = cache.remove_unused()
             stale = f"; {removed} entr{'y' if removed == 1 else 'ies'} of changed files removed" if removed else ""
             self._log(f"data: {len(jobs)} case(s) prepared, {from_cache} of them from the run's cache{stale}")
         datasets = Datasets(
@@ -460,7 +454,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed + rank)
         objective = build_objective(config, self.device, self.amp_dtype)
-        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
+        precision = precision_name(self.amp_dtype) + (" autocast" if self.amp_dtype is not None else "")
         self._log(f"training on {self.device} in {precision} (amp {config.amp}), NCHW layout")
         if self.init_source is not None:
             loaded = initialise_networks(objective, self.init_source)

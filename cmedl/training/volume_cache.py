@@ -109,6 +109,7 @@ class PreparedVolumeCache:
         self.writable = writable
         self._owner = writable  # writable turns False after a failed write; the owner may still delete
         self._log = log
+        self.used: set[str] = set()  # the keys looked up since this object was made (remove_unused keeps them)
 
     def path_of(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"
@@ -132,6 +133,30 @@ class PreparedVolumeCache:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             self._log(f"cache: entry {path.name} of case {name} cannot be used ({reason}); preparing the case again")
             return None
+
+    def prepared(
+        self,
+        case: CasePaths,
+        spacing_mm: tuple[float, float],
+        normalisation: Mapping[str, Any],
+        is_ct: bool,
+        label_value: int,
+        prepare: Callable[[], PreparedVolume],
+    ) -> tuple[PreparedVolume, bool]:
+        """``case`` prepared with these settings (:func:`cache_key`'s arguments): its entry when there is a usable
+        one, else ``prepare()``, whose result is stored. Returns the volume and whether it came from the cache.
+        A case whose files cannot be examined is prepared without the cache (``prepare`` says what is wrong)."""
+        try:
+            key = cache_key(case, spacing_mm, normalisation, is_ct=is_ct, label_value=label_value)
+        except OSError:
+            return prepare(), False
+        self.used.add(key)
+        volume = self.load(key, case.name)
+        if volume is not None:
+            return volume, True
+        volume = prepare()
+        self.store(key, volume)
+        return volume, False
 
     def store(self, key: str, volume: PreparedVolume) -> None:
         """Write ``volume`` (not its paired image) under ``key``, replacing any entry there; a no-op when the cache
@@ -171,14 +196,16 @@ class PreparedVolumeCache:
             self.writable = False
             self._log(f"cache: {error}; training goes on without writing the run's cache of prepared volumes")
 
-    def remove_unused(self, used: set[str]) -> int:
-        """Delete every entry whose key is not in ``used`` (the run's cases as they are now); returns how many.
+    def remove_unused(self, used: set[str] | None = None) -> int:
+        """Delete every entry whose key is not in ``used`` (default: the keys :meth:`prepared` looked up, the run's
+        cases as they are now); returns how many.
 
         A key names the files' size and time: once a case's file changes, its old entry is never read again and
         would only take disk. Only the writing process deletes; a failure leaves the entry (best effort).
         """
         if not self._owner or not self.folder.is_dir():
             return 0
+        used = self.used if used is None else used
         removed = 0
         for path in self.folder.glob(f"*{SUFFIX}"):
             if path.name.startswith(".") or path.name[: -len(SUFFIX)] in used:
