@@ -7,8 +7,9 @@
 #   tests   the CUDA tests (Testing/test_gpu.py), run beside the trainings below;
 #   steps   seconds per training iteration, CMEDL against CT only, fp32 / bf16 / fp16, paper sizes;
 #   speed   the issue's GPU targets in one go (not in the default set): `cmedl bench` with the paper U-Net and a
-#           whole 512x512x300 CT by stage, then one CMEDL iteration at paper sizes in bf16, eager against
-#           torch.compile (its compilation paid in the warm-up and reported);
+#           whole 512x512x300 CT by stage (with and without the prefetch thread), the pinned-prefetch test, then
+#           one CMEDL iteration at paper sizes in bf16, eager against torch.compile (its compilation paid in the
+#           warm-up and reported);
 #   demo    the demo model's CMEDL training (Resources/Models/train_demo_model.sh, seed 7);
 #   hint0   its twin with lambda_hint = 0: same seed, data, networks and losses except the hint, so that the
 #           difference between the two students is the hint's alone, free of training noise;
@@ -72,7 +73,8 @@ if wanted speed; then
   echo "== GPU targets: U-Net per slice, a 512x512x300 CT, a CMEDL iteration eager and compiled ($(left) s left)"
   timeout 150 "$PYTHON" -m cmedl bench --device "$DEVICE" --segmentors unet --batch-sizes 8,32,64 --slices 300 \
     --repeats 3 --json >"$LOGS/bench_300.json" 2>"$LOGS/bench_300.log"
-  echo "exit status $?"; tail -3 "$LOGS/bench_300.log"
+  echo "exit status $?"; tail -6 "$LOGS/bench_300.log"
+  timeout 60 "$PYTHON" -m pytest Testing/test_prefetch.py -m gpu -q -p no:cacheprovider -rs 2>&1 | tail -2
   timeout 300 "$PYTHON" benchmarks/train_step_time.py --methods cmedl --amp bf16 --compile --warmup 5 --steps 20 \
     --json "$LOGS/step_compile.json" 2>&1 | tee "$LOGS/step_compile.log" | grep -v Warning | tail -5
 fi
@@ -110,7 +112,7 @@ if wanted ctonly2; then train_recipe ct-only-demo-recipe-seed8 8 --method ct_onl
 
 if wanted tests; then
   echo "== CUDA tests ($(left) s left)"
-  timeout 150 "$PYTHON" -m pytest Testing/test_gpu.py -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$LOGS/gpu_tests.log" \
+  timeout 150 "$PYTHON" -m pytest Testing/test_gpu.py Testing/test_prefetch.py -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$LOGS/gpu_tests.log" \
     | tail -5
 fi
 

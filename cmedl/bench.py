@@ -9,9 +9,9 @@
    measured alternately in one process (best of ``repeats``), so that a busy machine slows both alike; the
    achieved GFLOP/s and its fraction of the peak. Random weights: speed does not depend on them.
 3. **Whole CT**: the built-in model on a 512 x 512 x 150 phantom CT (``volume_slices``), in this process, per
-   path (reference, fast, fast with one tile per slice): seconds by stage (read, lungs, segment, write), the
-   network-only seconds of the same run (so that the pipeline's overhead is a ratio), and the peak resident
-   memory of a child ``cmedl segment`` per path.
+   path (reference, fast, fast with one tile per slice; on a GPU also fast without the prefetch thread): seconds
+   by stage (read, lungs, segment, write), the network-only seconds of the same run (so that the pipeline's
+   overhead is a ratio), and the peak resident memory of a child ``cmedl segment`` per path.
 
 :func:`run_benchmarks` prints a table and returns the figures as a dict (``cmedl bench --json``).
 ``benchmarks/inference_speed.py`` adds the real CTs and the lung detection before and after its rewrite.
@@ -48,6 +48,8 @@ PATHS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fast", {"fast": True, "tiles": "training"}),
     ("fast_slice_tiles", {"fast": True, "tiles": "slice"}),
 )
+#: on a GPU, the fast path once more without tiles prepared ahead: what the prefetch thread buys
+GPU_PATHS: tuple[tuple[str, dict[str, Any]], ...] = (("fast_no_prefetch", {"fast": True, "prefetch": 0}),)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -262,7 +264,8 @@ def whole_ct(ct_path: Path, model_path: Path, device: str = "cpu", children: boo
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cmedl-bench-") as scratch:
         folder = Path(scratch)
-        for name, options in PATHS:
+        paths = PATHS + (GPU_PATHS if resolve_device(device).type == "cuda" else ())
+        for name, options in paths:
             figures[name] = segment_in_process(ct_path, model_path, folder, device, **options)
         if children:  # the two paths a user runs (the slice-tile path differs from the fast one only in process)
             for name, options in PATHS[:2]:

@@ -25,6 +25,13 @@ training-size tiles with the network as trained):
   on the real CTs where it finds anything (small false-positive regions that move with the context), below the
   0.99 this path must keep; so the default (``tiles="training"``) keeps the reference's tiles and blending
   (``benchmarks/README.md`` has the figures). A model trained or validated on whole slices could use it.
+* **Tiles per call from the free memory on a GPU** (``batch_size`` None, the default): as many training-size
+  tiles as the activation budget allows, up to :data:`GPU_TILES_PER_CALL_CAP`; a GPU runs a few small tiles no
+  faster than many. A CPU keeps :data:`CPU_TILES_PER_CALL` (its speed hardly depends on the batch).
+* **Tiles prepared ahead on a GPU** (:data:`GPU_PREFETCH_DEPTH` batches, :func:`cmedl.prefetch.prefetched`):
+  a background thread normalises, resizes and cuts the next slices into pinned tiles while the GPU runs the
+  current ones. On a CPU the network already keeps every core busy, so the thread is not started there
+  (:data:`PREFETCH_ENV` sets the depth on any device, to compare).
 * **Threads** (:func:`configure_threads`): one per idle physical core, by the rule of :mod:`cmedl.cpu`; set only
   in the command-line process, never when the engine is imported as a library.
 
@@ -52,6 +59,7 @@ from cmedl.cpu import ThreadChoice, inference_threads, is_cli_process, native_bf
 from cmedl.devices import autocast_dtype, precision_name
 from cmedl.memory import available_ram_bytes
 from cmedl.patches import predict_slices
+from cmedl.prefetch import prefetched
 
 #: environment variable that turns the fast path off ("0", "false", "no", "off") for a comparison or a workaround
 FAST_PATH_ENV = "CMEDL_FAST_PATH"
@@ -63,6 +71,16 @@ ACTIVATION_MEMORY_CAP = 4 * 1024**3
 TILE_MODES = ("training", "slice")
 #: environment variable choosing the fast path's tile mode (one of TILE_MODES) where no caller does
 TILES_ENV = "CMEDL_TILES"
+#: training-size tiles per network call on a CPU when the caller leaves the batch size to the engine
+CPU_TILES_PER_CALL = 4
+#: the most tiles per network call on a GPU when the batch size is left to the engine (larger calls gain nothing
+#: measurable and delay the first answers)
+GPU_TILES_PER_CALL_CAP = 64
+#: batches of tiles a background thread prepares ahead of a GPU (none on a CPU)
+GPU_PREFETCH_DEPTH = 2
+#: environment variable setting the prefetch depth (batches prepared ahead in a thread; 0: none) where no caller
+#: does, on any device: to compare, or to measure the thread on a CPU
+PREFETCH_ENV = "CMEDL_PREFETCH"
 #: HU below which a whole tile is air outside the body (outside air reads about -1000 HU; lung tissue with its
 #: vessels and any tumour reads well above it somewhere in a tile)
 OUTSIDE_BODY_HU = -900.0
@@ -87,6 +105,15 @@ def tile_mode_from_env(environ: dict[str, str] | None = None) -> str:
     """The tile mode :data:`TILES_ENV` asks for (``training`` when unset or unknown)."""
     value = (os.environ if environ is None else environ).get(TILES_ENV, "").strip().lower()
     return value if value in TILE_MODES else "training"
+
+
+def prefetch_depth(device: torch.device, environ: dict[str, str] | None = None) -> int:
+    """Batches to prepare ahead: :data:`PREFETCH_ENV` when set to an integer from 0 to 16, else
+    :data:`GPU_PREFETCH_DEPTH` on CUDA and 0 elsewhere (on a CPU the network keeps every core busy)."""
+    value = (os.environ if environ is None else environ).get(PREFETCH_ENV, "").strip()
+    if value.isdigit() and int(value) <= 16:
+        return int(value)
+    return GPU_PREFETCH_DEPTH if device.type == "cuda" else 0
 
 
 def choose_precision(device: torch.device, mode: str = "auto", flags: frozenset[str] | None = None) -> Precision:
@@ -263,6 +290,7 @@ class InferenceEngine:
             :func:`cmedl.devices.autocast_dtype` picks (mixed precision on CUDA only).
         threads: a thread count to set; None sets the rule's count in the command-line process only.
         budget_bytes: activation memory one call may use (default :func:`activation_budget_bytes`).
+        prefetch: batches of tiles prepared ahead in a background thread; None: :func:`prefetch_depth`.
     """
 
     network: nn.Module
@@ -272,6 +300,7 @@ class InferenceEngine:
     tiles: str = "training"
     threads: int | None = None
     budget_bytes: int | None = None
+    prefetch: int | None = None
     precision: Precision = field(init=False)
     thread_choice: ThreadChoice | None = field(init=False, default=None)
     model: nn.Module = field(init=False)
@@ -287,6 +316,8 @@ class InferenceEngine:
             # On a GPU the CPU threads only prepare tiles: not worth 0.2 s of sampling the other processes.
             self.thread_choice = configure_threads(self.threads, count_busy_cores=self.device.type != "cuda")
         self.multiple = required_multiple(self.network)
+        if self.prefetch is None:
+            self.prefetch = prefetch_depth(self.device)
         if not self.fast:
             self.model = self.network.to(self.device).eval()
             # The reference stays the network as trained: fp32 on a CPU, whatever the CPU offers.
@@ -319,9 +350,23 @@ class InferenceEngine:
             fast_path.update(channels_last=True, batchnorm_folded=self.folded, tiles=self.tiles)
         if self.tiling:
             fast_path["tiling"] = self.tiling
+        fast_path["prefetch"] = self.prefetch
         fast_path["threads"] = threads.count if threads else torch.get_num_threads()
         fast_path["threads_reason"] = threads.reason if threads else "left as the host process set them"
         return {"precision": self.precision.name, "precision_reason": self.precision.reason, "fast_path": fast_path}
+
+    def tiles_per_call(self, batch_size: int | None, tile_pixels: int) -> int:
+        """Tiles of ``tile_pixels`` pixels per network call: ``batch_size`` when given, else chosen here.
+
+        On a GPU as many as the activation budget allows (:attr:`pixel_limit`), between
+        :data:`CPU_TILES_PER_CALL` and :data:`GPU_TILES_PER_CALL_CAP`; on a CPU :data:`CPU_TILES_PER_CALL`.
+        """
+        if batch_size is not None:
+            return batch_size
+        if self.device.type != "cuda":
+            return CPU_TILES_PER_CALL
+        fitting = self.pixel_limit // max(1, tile_pixels)
+        return int(min(GPU_TILES_PER_CALL_CAP, max(CPU_TILES_PER_CALL, fitting)))
 
     def predict(
         self,
@@ -329,7 +374,7 @@ class InferenceEngine:
         num_classes: int,
         patch: int,
         overlap: float,
-        batch_size: int,
+        batch_size: int | None,
         background: float = -1.0,
         outside_level: float | None = None,
     ) -> Iterator[tuple[Any, np.ndarray]]:
@@ -337,17 +382,19 @@ class InferenceEngine:
 
         ``image`` is a normalised float32 ``(H, W)`` slice, all of one size. With training-size tiles (the
         reference path, and the fast path by default) the slices are cut into ``patch`` tiles overlapping by
-        ``overlap``, ``batch_size`` tiles per call. With ``tiles="slice"`` up to ``batch_size`` whole slices go
-        into one call (fewer when the memory budget asks), or, for a slice too large for one call, tiles as
-        large as fit. On the fast path, tiles below ``outside_level`` (normalised) everywhere are air outside
-        the body and not run.
+        ``overlap``, ``batch_size`` tiles per call (None: :meth:`tiles_per_call` chooses). With
+        ``tiles="slice"`` up to ``batch_size`` whole slices go into one call (fewer when the memory budget asks),
+        or, for a slice too large for one call, tiles as large as fit. On the fast path, tiles below
+        ``outside_level`` (normalised) everywhere are air outside the body and not run.
         """
         skip_below = outside_level if self.fast else None
         if not self.fast or self.tiles == "training":
-            self.tiling = f"{patch}-px tiles overlapping by {overlap:g}, {batch_size} per call"
+            per_call = self.tiles_per_call(batch_size, patch * patch)
+            self.tiling = f"{patch}-px tiles overlapping by {overlap:g}, {per_call} per call"
             yield from predict_slices(
-                self.model, slices, num_classes=num_classes, patch=patch, overlap=overlap, batch_size=batch_size,
+                self.model, slices, num_classes=num_classes, patch=patch, overlap=overlap, batch_size=per_call,
                 device=self.device, background=background, autocast=self.autocast, skip_below=skip_below,
+                prefetch=self.prefetch or 0,
             )  # fmt: skip
             return
         iterator = iter(slices)
@@ -363,44 +410,51 @@ class InferenceEngine:
             yield from predict_slices(
                 self.model, _chain(first, iterator), num_classes=num_classes, patch=side, overlap=overlap,
                 batch_size=1, device=self.device, background=background, autocast=self.autocast,
-                skip_below=skip_below,
+                skip_below=skip_below, prefetch=self.prefetch or 0,
             )  # fmt: skip
             return
-        per_call = max(1, min(batch_size, self.pixel_limit // pixels))
+        per_call = max(1, min(self.tiles_per_call(batch_size, pixels), self.pixel_limit // pixels))
         self.tiling = f"one {padded[0]}x{padded[1]} tile per slice, {per_call} per call"
         top, left = (padded[0] - size[0]) // 2, (padded[1] - size[1]) // 2
         window = (slice(top, top + size[0]), slice(left, left + size[1]))
-        batch: list[tuple[Any, np.ndarray]] = []
-        for key, image in _chain(first, iterator):
-            if image.shape != size:
-                raise ValueError(f"all slices must have one size; got {image.shape} after {size}")
-            batch.append((key, image))
-            if len(batch) == per_call:
-                yield from self._run_whole(batch, padded, window, background)
-                batch = []
-        if batch:
-            yield from self._run_whole(batch, padded, window, background)
+        pin = bool(self.prefetch) and self.device.type == "cuda"
 
-    def _run_whole(
-        self,
-        batch: list[tuple[Any, np.ndarray]],
-        padded: tuple[int, int],
-        window: tuple[slice, slice],
-        background: float,
-    ) -> Iterator[tuple[Any, np.ndarray]]:
-        stack = np.full((len(batch), 1, *padded), background, dtype=np.float32)
-        for index, (_, image) in enumerate(batch):
-            stack[index, 0][window] = image
-        probabilities = self._forward(torch.from_numpy(stack))[:, :, window[0], window[1]]
-        for (key, _), values in zip(batch, probabilities.numpy()):
-            yield key, values
+        def stacks() -> Iterator[tuple[list[Any], torch.Tensor]]:
+            keys: list[Any] = []
+            images: list[np.ndarray] = []
+            for key, image in _chain(first, iterator):
+                if image.shape != size:
+                    raise ValueError(f"all slices must have one size; got {image.shape} after {size}")
+                keys.append(key)
+                images.append(image)
+                if len(keys) == per_call:
+                    yield keys, _padded_stack(images, padded, window, background, pin)
+                    keys, images = [], []
+            if keys:
+                yield keys, _padded_stack(images, padded, window, background, pin)
+
+        for keys, stack in prefetched(stacks(), depth=self.prefetch or 0):
+            probabilities = self._forward(stack)[:, :, window[0], window[1]]
+            yield from zip(keys, probabilities.numpy())
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (float32, on the CPU) of a ``(B, C, H, W)`` batch."""
-        inputs = inputs.to(self.device).contiguous(memory_format=torch.channels_last)
+        inputs = inputs.to(self.device, non_blocking=inputs.is_pinned())
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast():
             logits = self.model(inputs)
         return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def _padded_stack(
+    images: list[np.ndarray], padded: tuple[int, int], window: tuple[slice, slice], background: float, pin: bool
+) -> torch.Tensor:
+    """``(len(images), 1, *padded)`` float32: each image in the ``window`` of its plane, ``background`` around."""
+    stack = np.full((len(images), 1, *padded), background, dtype=np.float32)
+    for index, image in enumerate(images):
+        stack[index, 0][window] = image
+    tensor = torch.from_numpy(stack)
+    return tensor.pin_memory() if pin else tensor
 
 
 def _chain(first: tuple[Any, np.ndarray], rest: Iterator[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
@@ -426,9 +480,13 @@ def flops_per_forward(network: nn.Module, size: tuple[int, int], in_channels: in
 
 
 __all__ = [
+    "CPU_TILES_PER_CALL",
     "FAST_PATH_ENV",
+    "GPU_PREFETCH_DEPTH",
+    "GPU_TILES_PER_CALL_CAP",
     "InferenceEngine",
     "OUTSIDE_BODY_HU",
+    "PREFETCH_ENV",
     "TILES_ENV",
     "TILE_MODES",
     "Precision",
@@ -439,6 +497,7 @@ __all__ = [
     "flops_per_forward",
     "fold_batchnorm",
     "padded_size",
+    "prefetch_depth",
     "required_multiple",
     "tile_mode_from_env",
     "tile_pixel_limit",

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmedl.prefetch import prefetched
+
 
 def tile_starts(length: int, patch: int, overlap: float) -> list[int]:
     """Start offsets of tiles of size ``patch`` covering ``[0, length)`` with at least ``overlap`` (fraction).
@@ -138,6 +140,71 @@ class SliceBlender:
         return len(self._sums)
 
 
+@dataclass
+class TileBatch:
+    """One network call's worth of tiles, cut on the CPU.
+
+    Attributes:
+        size: ``(H, W)`` of every slice (before padding to the tile size).
+        entries: ``(key, (row, column), run)`` for each tile in order; ``run`` False marks a tile of air outside
+            the body that is not sent to the network.
+        inputs: ``(n, 1, patch, patch)`` float32 of the tiles to run (``n`` = entries with ``run``), or None
+            when none is; in pinned (page-locked) memory when asked, so that the copy to a GPU is asynchronous.
+    """
+
+    size: tuple[int, int]
+    entries: list[tuple[Any, tuple[int, int], bool]]
+    inputs: torch.Tensor | None
+
+
+def tile_batches(
+    slices: Iterable[tuple[Any, np.ndarray]],
+    patch: int,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    background: float = -1.0,
+    skip_below: float | None = None,
+    pin_memory: bool = False,
+) -> Iterator[TileBatch]:
+    """Cut 2D slices into the overlapping tiles of :func:`tile_grid`, ``batch_size`` tiles to a batch.
+
+    The CPU half of :func:`predict_slices`, apart so that it can run ahead in a thread. Every ``image`` is a
+    float32 ``(H, W)`` array of one size; a slice smaller than ``patch`` is padded with ``background``. With
+    ``skip_below``, a tile whose every pixel is below it is marked not to run.
+    """
+    size: tuple[int, int] | None = None
+    tiles: list[tuple[int, int]] = []
+    entries: list[tuple[Any, tuple[int, int], bool]] = []
+    pixels: list[np.ndarray] = []
+
+    def batch() -> TileBatch:
+        inputs = None
+        if pixels:
+            inputs = torch.from_numpy(np.stack(pixels)[:, None])
+            if pin_memory:
+                inputs = inputs.pin_memory()
+        return TileBatch(size, entries, inputs)  # type: ignore[arg-type]
+
+    for key, image in slices:
+        if size is None:
+            size = tuple(image.shape)  # type: ignore[assignment]
+            tiles = tile_grid(max(size[0], patch), max(size[1], patch), patch, overlap)  # type: ignore[index]
+        elif image.shape != size:
+            raise ValueError(f"all slices must have one size; got {image.shape} after {size}")
+        padded, _ = pad_to_at_least(np.asarray(image, dtype=np.float32), patch, background)
+        for row, col in tiles:
+            tile = padded[row : row + patch, col : col + patch]
+            run = skip_below is None or bool(tile.max() >= skip_below)
+            entries.append((key, (row, col), run))
+            if run:
+                pixels.append(tile)
+            if len(entries) == batch_size:
+                yield batch()
+                entries, pixels = [], []
+    if entries:
+        yield batch()
+
+
 def predict_slices(
     network: torch.nn.Module,
     slices: Iterable[tuple[Any, np.ndarray]],
@@ -149,6 +216,7 @@ def predict_slices(
     background: float = -1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     skip_below: float | None = None,
+    prefetch: int = 0,
 ) -> Iterator[tuple[Any, np.ndarray]]:
     """Run ``network`` tile by tile over 2D slices and yield ``(key, probabilities)`` per slice.
 
@@ -159,53 +227,38 @@ def predict_slices(
         patch: tile side in pixels.
         skip_below: when given, a tile whose every pixel is below it (air outside the body) is not run: its
             probabilities are class 0 (background) everywhere.
+        prefetch: batches prepared ahead in a background thread (:func:`cmedl.prefetch.prefetched`): the
+            iteration of ``slices`` and the tile cutting then overlap the network calls. 0 does everything in
+            the calling thread. On a CUDA device the prepared tiles are also pinned, so their copy is
+            asynchronous.
 
     Yields:
         ``(key, probabilities)`` in input order, probabilities being float32 ``(num_classes, H, W)`` softmax
-        values blended over the overlapping tiles. Only the slices whose tiles are in the current batch are
-        held in memory.
+        values blended over the overlapping tiles. Only the slices whose tiles are in the current batch (and the
+        ``prefetch`` batches ahead) are held in memory.
     """
     device = torch.device(device)
     autocast = autocast or contextlib.nullcontext
     blender: SliceBlender | None = None
-    size: tuple[int, int] | None = None
-    batch: list[tuple[Any, tuple[int, int], np.ndarray | None]] = []
     outside = np.zeros((num_classes, patch, patch), dtype=np.float32)
     outside[0] = 1.0
-
-    def run(batch):
-        # Skipped tiles (None) stay in the batch, so that the slices still finish in input order.
-        tiles = [tile for _, _, tile in batch if tile is not None]
-        computed = iter(())
-        if tiles:
-            inputs = torch.from_numpy(np.stack(tiles)[:, None]).to(device)
+    pin = prefetch > 0 and device.type == "cuda"
+    batches = tile_batches(slices, patch, overlap, batch_size, background, skip_below, pin_memory=pin)
+    for batch in prefetched(batches, depth=prefetch):
+        if blender is None:
+            rows, cols = batch.size
+            blender = SliceBlender(max(rows, patch), max(cols, patch), num_classes, patch, overlap)
+        computed: Iterator[np.ndarray] = iter(())
+        if batch.inputs is not None:
+            inputs = batch.inputs.to(device, non_blocking=pin)
             with torch.inference_mode(), autocast():
                 logits = network(inputs)
             computed = iter(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        for key, tile, pixels in batch:
-            tile_probabilities = outside if pixels is None else next(computed)
-            blended = blender.add(key, tile, tile_probabilities)
+        # Skipped tiles stay in the batch, so that the slices still finish in input order.
+        for key, tile, run in batch.entries:
+            blended = blender.add(key, tile, next(computed) if run else outside)
             if blended is not None:
-                yield key, blended[:, : size[0], : size[1]]
-
-    for key, image in slices:
-        if blender is None:
-            size = image.shape
-            padded_shape = (max(size[0], patch), max(size[1], patch))
-            blender = SliceBlender(padded_shape[0], padded_shape[1], num_classes, patch, overlap)
-        elif image.shape != size:
-            raise ValueError(f"all slices must have one size; got {image.shape} after {size}")
-        padded, _ = pad_to_at_least(np.asarray(image, dtype=np.float32), patch, background)
-        for row, col in blender.tiles:
-            tile = padded[row : row + patch, col : col + patch]
-            if skip_below is not None and tile.max() < skip_below:
-                tile = None
-            batch.append((key, (row, col), tile))
-            if len(batch) == batch_size:
-                yield from run(batch)
-                batch = []
-    if batch:
-        yield from run(batch)
+                yield key, blended[:, : batch.size[0], : batch.size[1]]
 
 
 def resize_slices(stack: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:

@@ -129,6 +129,8 @@ class Segmenter:
             path only); None takes ``CMEDL_TILES`` or ``training``.
         precision: ``auto`` (native only) or a forced ``fp32``/``bf16``/``fp16`` for the fast path.
         threads: torch threads to set; None sets one per physical core in the command-line process only.
+        prefetch: batches of tiles prepared ahead in a thread; None: :func:`cmedl.inference.prefetch_depth`
+            (on CUDA only, unless ``CMEDL_PREFETCH`` says otherwise).
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class Segmenter:
         tiles: str | None = None,
         precision: str = "auto",
         threads: int | None = None,
+        prefetch: int | None = None,
     ):
         self.model = model
         self.options = options or SegmentOptions()
@@ -155,6 +158,7 @@ class Segmenter:
             precision_mode=precision,
             tiles=tile_mode_from_env() if tiles is None else tiles,
             threads=threads,
+            prefetch=prefetch,
         )
         self.network = self.engine.model
 
