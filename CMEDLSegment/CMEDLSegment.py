@@ -62,7 +62,7 @@ class CMEDLSegmentParameterNode:
     lungThreshold: Annotated[float, WithinRange(-900.0, -10.0)] = -300.0
     roiMargin: Annotated[float, WithinRange(0.0, 100.0)] = 30.0
     probabilityThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
-    batchSize: Annotated[int, WithinRange(1, 64)] = 4
+    batchSize: Annotated[int, WithinRange(0, 64)] = 0  # 0: auto, the engine chooses
     tta: bool = False
     minLesionMl: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
     minLesionProbability: Annotated[float, WithinRange(0.0, 1.0)] = 0.0

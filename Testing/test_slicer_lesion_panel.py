@@ -148,15 +148,29 @@ def test_the_panel_defaults_and_ranges_are_the_engines() -> None:
     """The parameter node's defaults are SegmentOptions' (the module file cannot import the engine when Slicer
     loads it, so they are checked here), and each end of a range the panel offers is a value the engine accepts."""
     from cmedl.segment_options import SegmentOptions
-    from CMEDLSegmentLib.segment_logic import PANEL_FIELDS, SegmentationSettings
+    from CMEDLSegmentLib.segment_logic import PANEL_FIELDS, SegmentationSettings, option_from_panel
 
     defaults, ranges = parameter_node_values("CMEDLSegment")
     engine, settings = SegmentOptions(), SegmentationSettings(Path("m.safetensors"))
     assert set(ranges) <= set(PANEL_FIELDS) <= set(defaults)
     for parameter, field in PANEL_FIELDS.items():
-        assert defaults[parameter] == getattr(engine, field) == getattr(settings, field), parameter
+        panel_default = option_from_panel(field, defaults[parameter])
+        assert panel_default == getattr(engine, field) == getattr(settings, field), parameter
         for value in ranges.get(parameter, ()):
-            SegmentOptions(**{field: value}).validate()  # raises with the engine's reason
+            SegmentOptions(**{field: option_from_panel(field, value)}).validate()  # raises with the engine's reason
+
+
+def test_the_panels_auto_batch_size_reaches_the_engine_as_auto(tmp_path: Path) -> None:
+    """The spin box's 0 ("auto") leaves the batch size to the engine; any other value is passed as it is."""
+    from CMEDLSegmentLib.segment_logic import SegmentationSettings
+
+    for shown, expected in ((0, None), (1, 1), (16, 16)):
+        panel = SimpleNamespace(batchSize=shown)
+        settings = SegmentationSettings.from_panel(panel, Path("m.safetensors"), "cuda")
+        assert settings.batch_size == expected
+        arguments = settings.command_arguments(tmp_path / "ct.nrrd", tmp_path / "seg.nrrd")
+        assert arguments[arguments.index("--batch-size") + 1] == ("auto" if expected is None else str(expected))
+        assert cli._segment_options(cli.build_parser().parse_args(arguments)).batch_size == expected
 
 
 def test_a_run_asks_the_child_for_the_lesion_table_and_the_map_only_when_shown(chest, monkeypatch, tmp_path) -> None:

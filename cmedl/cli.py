@@ -92,7 +92,14 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, help="model file or catalogue name (default: built-in demo model)")
     defaults = _SEGMENT_DEFAULTS
     parser.add_argument("--device", default=defaults.device, choices=DEVICES)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="patches per network call")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=defaults.batch_size,
+        metavar="N",
+        help="patches per network call, or auto (the default: 4 on a CPU; on a GPU as many as its free memory "
+        "allows, up to 64)",
+    )
     parser.add_argument(
         "--threshold", type=float, default=defaults.probability_threshold, help="tumour probability threshold"
     )
@@ -141,6 +148,16 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the result summary as JSON")
     _add_progress_flag(parser)
     parser.set_defaults(handler=_run_segment)
+
+
+def _batch_size(text: str) -> int | None:
+    """``--batch-size``: ``auto`` (None: the engine chooses) or an integer (range checked by the options)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
 def _segment_options(args: argparse.Namespace) -> Any:

@@ -35,7 +35,9 @@ class SegmentOptions:
         lung_threshold_hu: HU below which a voxel counts as air for lung detection.
         roi_margin_mm: in-plane margin around the lungs' bounding box.
         probability_threshold: tumour probability at or above which a voxel is labelled.
-        batch_size: patches per network call.
+        batch_size: patches per network call; None lets the engine choose from the device
+            (:meth:`cmedl.inference.InferenceEngine.tiles_per_call`: 4 on a CPU, as many as the free GPU memory
+            allows on a GPU, up to 64).
         overlap: fraction by which neighbouring patches overlap.
         device: ``auto`` (CUDA when usable, else CPU), ``cpu`` or ``cuda``.
         force: segment even when the image does not look like CT.
@@ -49,7 +51,7 @@ class SegmentOptions:
     lung_threshold_hu: float = -300.0
     roi_margin_mm: float = 30.0
     probability_threshold: float = 0.5
-    batch_size: int = 4
+    batch_size: int | None = None
     overlap: float = 0.25
     device: str = DEFAULT_DEVICE
     force: bool = False
@@ -61,8 +63,8 @@ class SegmentOptions:
         """Refuse values inference cannot use, with one line (an :class:`InputError`, exit 3); returns self.
 
         ``roi_margin_mm`` finite within 0-500 mm; ``lung_threshold_hu`` finite within -1000..0 HU (what lung
-        detection accepts); ``probability_threshold`` strictly between 0 and 1; ``batch_size`` an integer
-        from 1 to 4096 (larger batches only exhaust memory, after minutes); ``overlap`` within [0, 1).
+        detection accepts); ``probability_threshold`` strictly between 0 and 1; ``batch_size`` None or an
+        integer from 1 to 4096 (larger batches only exhaust memory, after minutes); ``overlap`` within [0, 1).
         Comparisons are written so that NaN fails them.
         """
         if not 0.0 <= self.roi_margin_mm <= 500.0:
@@ -72,7 +74,7 @@ class SegmentOptions:
         if not 0.0 < self.probability_threshold < 1.0:
             raise InputError(f"probability threshold must be between 0 and 1, got {self.probability_threshold!r}")
         batch = self.batch_size
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096):
             raise InputError(f"batch size must be an integer from 1 to 4096, got {self.batch_size!r}")
         if not 0.0 <= self.overlap < 1.0:
             raise InputError(f"patch overlap must be at least 0 and below 1, got {self.overlap!r}")

@@ -52,6 +52,15 @@ PANEL_FIELDS = {
     "minLesionMl": "min_lesion_ml",
     "minLesionProbability": "min_lesion_probability",
 }
+# A parameter node holds no None: the panel's batch size spin box shows "auto" at 0, which lets the engine choose.
+AUTO_BATCH_SIZE = 0
+
+
+def option_from_panel(field: str, value: Any) -> Any:
+    """A panel value as the :class:`~cmedl.segment_options.SegmentOptions` field ``field`` takes it."""
+    if field == "batch_size":
+        return None if int(value) == AUTO_BATCH_SIZE else int(value)
+    return type(getattr(_DEFAULTS, field))(value)
 
 
 @dataclass
@@ -64,7 +73,7 @@ class SegmentationSettings:
     lung_threshold_hu: float = _DEFAULTS.lung_threshold_hu
     roi_margin_mm: float = _DEFAULTS.roi_margin_mm
     probability_threshold: float = _DEFAULTS.probability_threshold
-    batch_size: int = _DEFAULTS.batch_size
+    batch_size: int | None = _DEFAULTS.batch_size
     force: bool = _DEFAULTS.force
     tta: bool = _DEFAULTS.tta
     min_lesion_ml: float = _DEFAULTS.min_lesion_ml
@@ -81,9 +90,10 @@ class SegmentationSettings:
         if parameters is None:
             return cls(model_path=model_path, device=device)
         values = {
-            field: type(getattr(_DEFAULTS, field))(getattr(parameters, name, getattr(_DEFAULTS, field)))
+            field: option_from_panel(field, getattr(parameters, name)) if hasattr(parameters, name)
+            else getattr(_DEFAULTS, field)
             for name, field in PANEL_FIELDS.items()
-        }
+        }  # fmt: skip
         probabilities = bool(getattr(parameters, "showProbability", cls.probabilities))
         return cls(model_path=model_path, device=device, probabilities=probabilities, **values)
 
@@ -106,7 +116,7 @@ class SegmentationSettings:
             "--lung-threshold", f"{self.lung_threshold_hu:g}",
             "--roi-margin", f"{self.roi_margin_mm:g}",
             "--threshold", f"{self.probability_threshold:g}",
-            "--batch-size", str(int(self.batch_size)),
+            "--batch-size", "auto" if self.batch_size is None else str(int(self.batch_size)),
             "--min-lesion-ml", f"{self.min_lesion_ml:g}",
             "--min-lesion-probability", f"{self.min_lesion_probability:g}",
             "--progress", "json",
