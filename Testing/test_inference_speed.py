@@ -131,6 +131,19 @@ def test_thread_rule_explicit_then_omp_then_physical_cores(tmp_path: Path, monke
     assert cpu.inference_threads(3, busy=9).count == 3 and cpu.inference_threads(environ={}, busy=0).count == 4
 
 
+def test_training_threads_share_the_idle_cores_among_one_machines_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "physical_cores", lambda: (4, "4 physical cores"))
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)
+    assert cpu.training_threads(environ={}, busy=0).count == 4
+    assert cpu.training_threads(environ={}, busy=1).count == 3
+    shared = cpu.training_threads(environ={"LOCAL_WORLD_SIZE": "2"}, busy=0)
+    assert shared.count == 2 and "shared by 2 training processes" in shared.reason
+    assert cpu.training_threads(environ={"LOCAL_WORLD_SIZE": "8"}, busy=0).count == 1
+    assert cpu.training_threads(environ={"LOCAL_WORLD_SIZE": "x"}, busy=0).count == 4
+    # torchrun's (or the user's) OMP_NUM_THREADS is already per process
+    assert cpu.training_threads(environ={"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}, busy=0).count == 3
+
+
 def test_busy_cores_come_from_two_readings_of_proc_stat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sys_cpu = _fake_topology(tmp_path / "cpu", [(0, 0), (0, 1), (0, 0), (0, 1)])
     stat = tmp_path / "stat"

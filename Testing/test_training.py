@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,7 @@ def test_an_existing_run_folder_is_not_overwritten(small_phantoms: Path, tmp_pat
     out = tmp_path / "run"
     Trainer(tiny_config(small_phantoms / "ct", out, epochs=1)).fit()
     before = (out / "metrics.jsonl").read_text()
+    assert "threads (left as the host process set them)" in RunFolder(out).log_path.read_text()
     with pytest.raises(InputError, match="already holds a run"):
         Trainer(tiny_config(small_phantoms / "ct", out, epochs=1)).fit()
     assert (out / "metrics.jsonl").read_text() == before
@@ -107,6 +109,9 @@ def test_a_run_killed_mid_epoch_resumes_and_its_metrics_continue(small_phantoms:
     assert resumed.returncode == 0, resumed.stderr
     epochs = [record["epoch"] for record in run.read_metrics()]
     assert epochs == list(range(1, killed_after + 3))
+    # The command line chooses its CPU threads by the engine's rule (and says so); a library leaves them alone.
+    starts = [line for line in run.log_path.read_text().splitlines() if "training on cpu" in line]
+    assert re.search(r"NCHW layout, \d+ threads \((OMP_NUM_THREADS=\d+|\d+ physical cores)", starts[-1]), starts
     assert run.read_status()["state"] == "finished"
     assert run.model_path.is_file()
 

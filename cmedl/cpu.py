@@ -279,3 +279,21 @@ def inference_threads(
         if idle < count:
             return ThreadChoice(idle, f"{how}, {count - idle} busy with other processes")
     return ThreadChoice(count, how)
+
+
+def training_threads(environ: dict[str, str] | None = None, busy: int | None = None) -> ThreadChoice:
+    """The thread count for training on a CPU: :func:`inference_threads`' rule, with the idle physical cores
+    shared among the training processes of one machine (``LOCAL_WORLD_SIZE`` under ``torchrun``), unless
+    OMP_NUM_THREADS decides (``torchrun`` sets it to 1 per process unless told otherwise)."""
+    environ = os.environ if environ is None else environ
+    choice = inference_threads(environ=environ, busy=busy)
+    if choice.reason.startswith("OMP_NUM_THREADS"):
+        return choice
+    try:
+        processes = int(environ.get("LOCAL_WORLD_SIZE", "1") or "1")
+    except ValueError:
+        processes = 1
+    if processes > 1:
+        share = max(1, choice.count // processes)
+        return ThreadChoice(share, f"{choice.reason}, shared by {processes} training processes")
+    return choice

@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 
 from cmedl import __version__, interrupts
+from cmedl.cpu import ThreadChoice, is_cli_process, training_threads
 from cmedl.devices import autocast_dtype, precision_name, resolve_device
 from cmedl.errors import CancelledError, CMEDLError, ConfigError, InputError, Interrupted, OutputError, TrainingError
 from cmedl.inference import InferenceEngine, fast_path_enabled
@@ -140,6 +141,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device, config.amp)
         self._check_memory()
         self._stop = threading.Event()
+        self.threads: ThreadChoice | None = None  # set by fit() on a CPU in the command-line process
         self.status: dict[str, Any] = {}
         # False in the data-parallel processes other than rank 0: they neither write the run folder nor report.
         self.main = True
@@ -311,6 +313,10 @@ class Trainer:
         """
         with distributed.process_group(self.device) as device:
             self.device = device
+            if device.type == "cpu" and is_cli_process():
+                # The command line owns its process; imported as a library the host's threads are left alone.
+                self.threads = training_threads()
+                torch.set_num_threads(self.threads.count)
             self.main = distributed.is_main_process()
             if not self.main:
                 # One voice: rank 0 reports progress; the others keep only the cancel event.
@@ -455,7 +461,11 @@ class Trainer:
         rng = np.random.default_rng(config.seed + rank)
         objective = build_objective(config, self.device, self.amp_dtype)
         precision = precision_name(self.amp_dtype) + (" autocast" if self.amp_dtype is not None else "")
-        self._log(f"training on {self.device} in {precision} (amp {config.amp}), NCHW layout")
+        threads = ""
+        if self.device.type == "cpu":
+            reason = self.threads.reason if self.threads else "left as the host process set them"
+            threads = f", {torch.get_num_threads()} threads ({reason})"
+        self._log(f"training on {self.device} in {precision} (amp {config.amp}), NCHW layout{threads}")
         if self.init_source is not None:
             loaded = initialise_networks(objective, self.init_source)
             for line in init_log_lines(config, self.init_source, loaded):
