@@ -8,7 +8,9 @@ Runs use the session's four 128x128 phantoms, one epoch of one step and a 4-chan
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -284,3 +286,30 @@ def test_the_key_follows_the_files_and_the_settings(tmp_path: Path) -> None:
     assert key_of(label=series) != others[-1]
     image.write_bytes(b"another image")
     assert key_of() != key
+
+
+def test_a_file_replaced_or_rewritten_with_its_size_and_time_kept_gets_a_new_key(tmp_path: Path) -> None:
+    """``cp -p`` of another case over the file, or a rewrite in place with the time set back: the size and the
+    modification time are the old ones, the content is not, so the key must change."""
+    image = tmp_path / "image.nii.gz"
+    image.write_bytes(b"first content")
+    kept = image.stat()
+
+    def key_now() -> str:
+        return cache_key(CasePaths("case", image, None), (1.0, 1.0), {"hu_window": [-1000.0, 500.0]}, True, 1)
+
+    before = key_now()
+    copy = tmp_path / "copy"
+    copy.write_bytes(b"other content")  # same size
+    os.utime(copy, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    os.replace(copy, image)
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
+    replaced = key_now()
+    assert replaced != before
+
+    time.sleep(0.01)
+    with open(image, "r+b") as handle:
+        handle.write(b"third")
+    os.utime(image, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
+    assert key_now() not in (before, replaced)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,7 +49,12 @@ RESERVE_BYTES = 1 << 30
 
 def _fingerprint(path: Path) -> dict[str, Any]:
     """What identifies the content of a volume file, or of a DICOM series folder, without reading it: the
-    resolved path, and size and modification time (ns) of the file or of every file in the folder.
+    resolved path, and the size, modification time, status-change time (ns) and inode of the file or of every
+    file in the folder.
+
+    The modification time alone misses a file copied over the original with its time kept (``cp -p``,
+    ``rsync -t``) or rewritten and its time set back; the copy is a new inode, and any write sets the status-change
+    time, which no user call can set back.
 
     Raises :class:`OSError` when the path cannot be examined (it is gone, no permission).
     """
@@ -56,9 +62,12 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     if resolved.is_dir():
         # A series is read from the files of its folder (list_volumes lists such folders as volumes).
         files = [(entry.name, entry.stat()) for entry in sorted(resolved.iterdir()) if entry.is_file()]
-        return {"path": str(resolved), "files": [[name, st.st_size, st.st_mtime_ns] for name, st in files]}
-    stat = resolved.stat()
-    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return {"path": str(resolved), "files": [[name, *_stamp(st)] for name, st in files]}
+    return {"path": str(resolved), "stamp": _stamp(resolved.stat())}
+
+
+def _stamp(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def cache_key(
@@ -70,12 +79,13 @@ def cache_key(
 ) -> str:
     """The cache key of one case prepared with these settings: the sha256 hex digest of a JSON record of
     :data:`FORMAT_VERSION`, the engine version, the case name, the image's and the label's fingerprints (resolved
-    path, size, modification time), the in-plane ``spacing_mm`` (x, y), the ``normalisation`` parameters (what the
-    run's normalise function depends on: ``{"hu_window": [low, high]}`` for CT, ``{"mr_percentile": p}`` for MRI;
-    JSON values), ``is_ct`` and ``label_value``.
+    path, size, modification and status-change times, inode), the in-plane ``spacing_mm`` (x, y), the
+    ``normalisation`` parameters (what the run's normalise function depends on: ``{"hu_window": [low, high]}`` for
+    CT, ``{"mr_percentile": p}`` for MRI; JSON values), ``is_ct`` and ``label_value``.
 
     The case name is part of it because it is part of the prepared volume (two names linked to one file are two
-    entries). A file rewritten with the same size within the file system's timestamp resolution keeps its key.
+    entries). A file rewritten in place with the same size within the file system's timestamp resolution (both
+    times) keeps its key.
 
     Raises :class:`OSError` when a file cannot be examined.
     """
