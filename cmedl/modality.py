@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from cmedl.errors import NotCTError
+from cmedl.errors import InputError, NotCTError
 
 AIR_OR_LUNG_HU = (-1100.0, -500.0)
 MIN_AIR_OR_LUNG_FRACTION = 0.005
@@ -79,6 +79,28 @@ def check_looks_like_ct(image: sitk.Image, name: str = "input") -> None:
     report = ct_likelihood_report(image)
     if not report["looks_like_ct"]:
         raise NotCTError(f"{name} does not look like a CT in Hounsfield units: {report['reason']}")
+
+
+def check_finite_voxels(image: sitk.Image, name: str = "input") -> None:
+    """Refuse an image holding NaN or infinite voxels (an :class:`InputError`, exit 3), naming how many.
+
+    No scanner writes them: they come from a processing step gone wrong, and a network would turn them into
+    silently wrong answers (NaN compares false with every threshold). Integer images cannot hold them and are
+    not scanned.
+    """
+    if image.GetPixelID() not in _FLOAT_PIXEL_IDS:
+        return
+    values = sitk.GetArrayViewFromImage(image)
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if bad:
+        share = bad / values.size
+        raise InputError(
+            f"{name} has {bad:,} voxel{'s' if bad != 1 else ''} ({share:.2%}) that are NaN or infinite; "
+            "an image must hold finite values"
+        )
+
+
+_FLOAT_PIXEL_IDS = (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
 
 
 def _sample(image: sitk.Image) -> np.ndarray:
