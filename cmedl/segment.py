@@ -48,7 +48,7 @@ from cmedl.lesions import (
     write_lesions,
 )
 from cmedl.lungs import LpsOrder, LungDetection, detect_lungs
-from cmedl.modality import check_looks_like_ct
+from cmedl.modality import check_finite_voxels, check_looks_like_ct
 from cmedl.modelfile import LoadedModel, load_model
 from cmedl.patches import resize_slices
 from cmedl.progress import STAGE_LUNGS, STAGE_READ, STAGE_SEGMENT, STAGE_WRITE, Progress
@@ -167,6 +167,7 @@ class Segmenter:
         lesions, all on exactly ``ct``'s grid (see :class:`SegmentResult`)."""
         started = time.perf_counter()
         options, card = self.options, self.model.card
+        check_finite_voxels(ct, name)  # even with force: NaN voxels would be silently called background
         if not options.force:
             check_looks_like_ct(ct, name)
         self.progress.update(STAGE_LUNGS, 0, 1, "detecting lungs")

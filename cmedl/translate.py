@@ -20,7 +20,7 @@ import torch
 from cmedl.devices import autocast_context, autocast_dtype, resolve_device
 from cmedl.errors import ConfigError, InputError, ModelFileError
 from cmedl.filebase import file_sha256
-from cmedl.modality import check_looks_like_ct
+from cmedl.modality import check_finite_voxels, check_looks_like_ct
 from cmedl.modelfile import TRANSLATOR_KIND, ModelCard, PseudoMRIModel, load_weights, read_model_card
 from cmedl.nets import build_segmentor
 from cmedl.nets.cyclegan import build_translator
@@ -108,6 +108,7 @@ def translate_file(
     target = resolve_device(device)
     translator = load_translator(model_path, target)
     ct = read_volume(input_path)
+    check_finite_voxels(ct, Path(input_path).name)  # even with force: NaN has no pseudo-MRI
     if not force:
         check_looks_like_ct(ct, Path(input_path).name)
     write_volume(translate_volume(ct, translator, target, progress), output_path)
