@@ -13,12 +13,17 @@ Two ways of stopping, chosen by the command:
 - cooperative (``train``): the handler only records the request; the trainer looks at :func:`stop_requested`
   between steps and between validation slices, and saves what it has before it stops. Where there is nothing
   to save (reading the data), it marks the stretch :func:`interruptible` and the request raises at once.
+
+Either way a signal that arrives while a module is being imported raises only once the import is over (it is
+delivered again every :data:`REDELIVERY_SECONDS`): an exception inside a C extension's initialisation (torch's
+takes a second or two) can crash the process instead of stopping it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -42,10 +47,40 @@ class _StopState:
         self.signal_name = signal.Signals(signum).name
         self.requested.set()
         if not self.cooperative or self.interruptible_depth > 0:
+            if _import_in_progress():
+                # An exception raised inside a module's initialisation can leave a C extension half set up:
+                # torch's, interrupted while it registers its types, aborts or crashes the process. The
+                # signal comes back once the import is over and raises then.
+                _deliver_again_later(signum)
+                return
             raise Interrupted(self.signal_name)
 
 
 _ACTIVE: _StopState | None = None
+#: how long a stop signal that arrived during an import waits before it is delivered again (seconds)
+REDELIVERY_SECONDS = 0.05
+
+
+def _import_in_progress() -> bool:
+    """Whether a module is being initialised (its code, or a C extension's set-up, is running) in this process."""
+    for module in list(sys.modules.values()):
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            return True
+    return False
+
+
+def _deliver_again_later(signum: int) -> None:
+    def deliver() -> None:
+        # To the main thread itself, so that a blocking call there (a sleep, a read) is interrupted at once.
+        if hasattr(signal, "pthread_kill"):
+            signal.pthread_kill(threading.main_thread().ident, signum)
+        else:
+            signal.raise_signal(signum)
+
+    timer = threading.Timer(REDELIVERY_SECONDS, deliver)
+    timer.daemon = True
+    timer.start()
 
 
 @contextlib.contextmanager
