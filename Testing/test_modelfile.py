@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cmedl
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -186,7 +187,15 @@ def _card_not_an_object(tmp_path: Path, good: Path) -> Path:
     return path
 
 
+def _nan_weights(tmp_path: Path, good: Path) -> Path:
+    network = _network()
+    with torch.no_grad():
+        next(network.parameters())[0].fill_(float("nan"))
+    return save_model(tmp_path / "diverged.safetensors", network, _card())
+
+
 BROKEN = [
+    _nan_weights,
     _truncated,
     _random_bytes,
     _empty,
@@ -213,6 +222,15 @@ def test_broken_model_files_raise_one_line_model_file_error(tmp_path, saved, mak
 def test_describe_refuses_unreadable_files(tmp_path, saved, make):
     with pytest.raises(ModelFileError):
         describe_model(make(tmp_path, saved[0]))
+
+
+def test_non_finite_weights_are_named_and_refused_by_models_add_too(tmp_path, saved, monkeypatch):
+    path = _nan_weights(tmp_path, saved[0])
+    with pytest.raises(ModelFileError, match="NaN or infinite values .first: .*diverged"):
+        load_model(path)
+    monkeypatch.setenv("CMEDL_HOME", str(tmp_path / "home"))
+    added = run_cmedl("models", "add", str(path), "--name", "diverged")
+    assert added.returncode == 4 and added.stderr.count("\n") == 1 and "NaN or infinite" in added.stderr
 
 
 def test_mismatch_message_names_the_disagreement(tmp_path, saved):

@@ -126,6 +126,14 @@ def load_weights(path: str | Path, network: torch.nn.Module, card: ModelCard) ->
             state = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(f"{path.name}: the weights cannot be read (truncated file?): {error}") from None
+    # A training run that diverged can export NaN weights; such a network answers NaN everywhere, which
+    # thresholds into an empty segmentation that looks like a confident "no tumour".
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ModelFileError(
+            f"{path.name}: {len(broken)} weight tensor{'s' if len(broken) != 1 else ''} hold NaN or infinite values "
+            f"(first: {broken[0]}); the model is damaged or its training diverged"
+        )
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
