@@ -293,3 +293,19 @@ def test_bad_parameters_are_refused(chest):
         detect_lungs(chest[0], threshold_hu=100.0)
     with pytest.raises(ConfigError):
         detect_lungs(chest[0], margin_mm=-5.0)
+
+
+@pytest.mark.parametrize(
+    ("fill", "words"),
+    [
+        (lambda a: a.fill(40), "every voxel is 40 HU"),
+        (lambda a: a.fill(-1000), "every voxel is -1000 HU"),
+        (lambda a: a.__setitem__((slice(None), slice(20, 40), slice(20, 40)), -1000), "fills the image border"),
+    ],
+    ids=["all-40", "all-air", "only-padding-above-threshold"],
+)
+def test_no_body_says_what_the_image_holds(fill, words) -> None:
+    values = np.zeros((20, 64, 64), dtype=np.int16)
+    fill(values)
+    with pytest.raises(NoLungsFoundError, match=words):
+        detect_lungs(sitk.GetImageFromArray(values), name="scan.nii")

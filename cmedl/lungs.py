@@ -165,7 +165,7 @@ def detect_lungs(
 
     hull = _body_hull(working >= threshold_hu, working_padding)
     if not hull.any():
-        raise NoLungsFoundError(f"no lungs found in {name}: no body (no voxel at or above {threshold_hu:g} HU)")
+        raise NoLungsFoundError(f"no lungs found in {name}: {_no_body_reason(hu, padding, threshold_hu)}")
     inner_air, inside = _inner_air_regions(working < threshold_hu, working_padding, hull)
     del working, working_padding
     lungs = _select_lung_regions(inner_air, inside, hull, grid, name)
@@ -450,6 +450,19 @@ def _body_hull(tissue: np.ndarray, padding: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return _convex_hull_per_slice(labels == int(np.argmax(sizes)))
+
+
+def _no_body_reason(hu: np.ndarray, padding: np.ndarray | None, threshold_hu: float) -> str:
+    """Why no body was found, in the image's own terms (only called on that failure, so it may scan the CT)."""
+    low, high = float(hu.min()), float(hu.max())
+    if low == high:
+        return f"every voxel is {low:g} HU, so the image shows no anatomy"
+    tissue = hu >= threshold_hu
+    if not tissue.any():
+        return f"no body (no voxel at or above {threshold_hu:g} HU)"
+    if padding is not None and not (tissue & ~padding).any():
+        return f"no body (the only voxels at or above {threshold_hu:g} HU hold the value that fills the image border)"
+    return f"no body (the voxels at or above {threshold_hu:g} HU form no region thicker than a few voxels)"
 
 
 def _erode_in_slice(mask: np.ndarray) -> np.ndarray:
