@@ -194,7 +194,14 @@ def _nan_weights(tmp_path: Path, good: Path) -> Path:
     return save_model(tmp_path / "diverged.safetensors", network, _card())
 
 
+def _folder(tmp_path: Path, good: Path) -> Path:
+    path = tmp_path / "models.safetensors"
+    path.mkdir()
+    return path
+
+
 BROKEN = [
+    _folder,
     _nan_weights,
     _truncated,
     _random_bytes,
@@ -222,6 +229,11 @@ def test_broken_model_files_raise_one_line_model_file_error(tmp_path, saved, mak
 def test_describe_refuses_unreadable_files(tmp_path, saved, make):
     with pytest.raises(ModelFileError):
         describe_model(make(tmp_path, saved[0]))
+
+
+def test_a_folder_is_called_a_folder(tmp_path, saved):
+    with pytest.raises(ModelFileError, match="is a folder, not a model file"):
+        load_model(_folder(tmp_path, saved[0]))
 
 
 def test_non_finite_weights_are_named_and_refused_by_models_add_too(tmp_path, saved, monkeypatch):

@@ -177,10 +177,17 @@ def _numbers(value: Any) -> list[float] | None:
     return numbers if all(math.isfinite(item) for item in numbers) else None
 
 
+def missing_model_file(path: Path) -> str:
+    """Why ``path`` (not a file) cannot be a model: it does not exist, or it is a folder."""
+    if path.is_dir():
+        return f"{path} is a folder, not a model file (a .safetensors file)"
+    return f"model file not found: {path}"
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """The parsed safetensors header of ``path``, after checking that the data section has the promised length."""
     if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+        raise ModelFileError(missing_model_file(path))
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size

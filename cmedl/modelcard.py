@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from cmedl import __version__
 from cmedl.errors import ModelFileError
-from cmedl.filebase import card_from_metadata, check_card_values, file_sha256
+from cmedl.filebase import card_from_metadata, check_card_values, file_sha256, missing_model_file
 from cmedl.volumes import SegmentInfo
 
 RESEARCH_USE_ONLY = "research use only; not for clinical decisions"
@@ -171,7 +171,7 @@ def _numel(shape: list[int]) -> int:
 def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+        raise ModelFileError(missing_model_file(path))
     if path.stat().st_size < 8:
         raise ModelFileError(f"{path.name} is not a readable model file (truncated: {path.stat().st_size} bytes)")
     return path
