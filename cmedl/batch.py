@@ -23,6 +23,7 @@ batch. The exit code is 0 when every case is ok or skipped, :data:`PARTIAL_FAILU
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import time
@@ -36,7 +37,7 @@ from cmedl.modelfile import load_model
 from cmedl.progress import Progress
 from cmedl.segment import Segmenter, input_sha256, segment_to_files
 from cmedl.segment_options import RESULT_OPTIONS, SegmentOptions
-from cmedl.volumes import _dicom_series_ids, atomic_output, list_volumes, stem_of, suffix_of
+from cmedl.volumes import VOLUME_SUFFIXES, _dicom_series_ids, atomic_output, list_volumes, stem_of, suffix_of
 
 #: ``--format`` values and the labelmap suffix each gives.
 BATCH_FORMATS = {"seg.nrrd": ".seg.nrrd", "nii.gz": ".nii.gz"}
@@ -154,18 +155,21 @@ def run_batch(
     """Segment every input with one model load; returns ``{"out", "summary_csv", "counts", "cases"}``.
 
     Problems with the batch as a whole (an unknown format, two cases with one name, an output that would
-    overwrite an input, a bad model file) raise before any case runs. Problems with one case are recorded in
-    its row; a cancel (:class:`CancelledError`, Ctrl-C) stops the batch after writing the summary so far.
+    overwrite an input, an output folder that is a file or named like a volume file, a bad model file) raise
+    before any case runs, and then no folder the batch created is left behind. Problems with one case are
+    recorded in its row; a cancel (:class:`CancelledError`, Ctrl-C) stops the batch after writing the summary
+    so far.
     """
     progress = progress or Progress()
     options = options or SegmentOptions()
     if output_format not in BATCH_FORMATS:
         raise InputError(f"unknown --format {output_format!r}; use one of {', '.join(BATCH_FORMATS)}")
     out_folder = Path(out_folder)
-    if out_folder.exists() and not out_folder.is_dir():
-        raise OutputError(f"the output of a batch must be a folder: {out_folder} is a file")
     probabilities_folder = Path(probabilities_folder) if probabilities_folder else None
     uncertainty_folder = Path(uncertainty_folder) if uncertainty_folder else None
+    folders = [folder for folder in (out_folder, probabilities_folder, uncertainty_folder) if folder is not None]
+    for folder in folders:
+        _check_output_folder(folder)
     if uncertainty_folder is not None and not options.tta:
         raise InputError("an uncertainty map needs test-time augmentation (--tta)")
     cases = _case_names(inputs)
@@ -177,24 +181,26 @@ def run_batch(
         for path in outputs.all():
             if path.resolve() in resolved_inputs:
                 raise InputError(f"output {path} would overwrite an input; choose another output folder")
-    for folder in (out_folder, probabilities_folder, uncertainty_folder):
-        if folder is not None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise OutputError(f"cannot create the output folder {folder}: {error.strerror or error}") from None
-
-    model = load_model(model_path)  # once for the whole batch
-    segmenter = Segmenter(model, options, progress)
+    created: list[Path] = []
     rows: list[CaseRow] = []
     summary_path = out_folder / SUMMARY_NAME
     total = len(inputs)
-    for index, (path, case) in enumerate(zip(inputs, cases)):
-        progress.update("batch", index, total, case)
-        rows.append(_run_case(segmenter, path, case, planned[case]))
-        progress.log(_row_line(rows[-1]))
-        # After every case, so that an interrupted batch still leaves the summary of the cases it finished.
-        write_summary(summary_path, rows)
+    try:
+        for folder in folders:
+            created += _make_folder(folder)
+        model = load_model(model_path)  # once for the whole batch
+        segmenter = Segmenter(model, options, progress)
+        for index, (path, case) in enumerate(zip(inputs, cases)):
+            progress.update("batch", index, total, case)
+            rows.append(_run_case(segmenter, path, case, planned[case]))
+            progress.log(_row_line(rows[-1]))
+            # After every case, so that an interrupted batch still leaves the summary of the cases it finished.
+            write_summary(summary_path, rows)
+    except BaseException:
+        # A batch that stops before its first summary (a bad model, a cancel in the first case) leaves no
+        # empty folder behind; a folder holding anything stays.
+        _remove_empty_folders(created)
+        raise
     progress.update("batch", total, total, "cases")
     statuses = (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)
     counts = {status: sum(row.status == status for row in rows) for status in statuses}
@@ -207,6 +213,46 @@ def run_batch(
         "counts": counts,
         "cases": [asdict(row) for row in rows],
     }
+
+
+def _check_output_folder(folder: Path) -> None:
+    """Refuse an output folder that is a file, or whose name is a volume file's (``out.seg.nrrd``).
+
+    Such a name shows that one output file was meant, not a batch: making a folder of that name would leave a
+    folder that looks like a result file, and the results inside it where nobody looks for them.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the output of a batch must be a folder: {folder} is a file")
+    name = folder.name.lower()
+    if any(name.endswith(suffix) for suffix in (".seg.nrrd", *VOLUME_SUFFIXES)):
+        raise OutputError(
+            f"the output of a batch must be a folder, and {folder} is named like a volume file; give a folder "
+            "name (each CT of the batch gets its own files in it)"
+        )
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, outermost first.
+
+    They are listed so that a batch that fails before it writes anything removes them again
+    (:func:`_remove_empty_folders`).
+    """
+    absent = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the output folder {folder}: {error.strerror or error}") from None
+    return absent[::-1]
+
+
+def _remove_empty_folders(created: list[Path]) -> None:
+    """Remove the folders a failed batch created, innermost first, as long as they are empty.
+
+    ``rmdir`` removes only empty folders, so nothing anybody put there meanwhile is lost.
+    """
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _case_names(inputs: list[Path]) -> list[str]:

@@ -4,6 +4,8 @@
   reads a model file's card from the safetensors header directly (an 8-byte little-endian length, then that
   many bytes of JSON; the card is a JSON string in its ``__metadata__``).
 - :func:`atomic_write`: a file appears under its name complete or not at all.
+- :func:`write_failure`: the one-line error of a failed write, saying why in words (a full disk, a read-only
+  file system) and naming the target, never the temporary file.
 - :func:`file_sha256`: the digest that names a model file and an input in provenance records.
 
 Slicer lists models and shows their cards before torch, numpy or safetensors are installed, and the torch side
@@ -15,10 +17,13 @@ nothing at all).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -49,6 +54,9 @@ _WIDTH_OPTIONS = ("base_channels", "growth_rate", "stem_channels")
 #: what the name of a temporary file ends with (before any real suffix), so leftovers can be recognised
 PARTIAL_SUFFIX = ".partial"
 BLOCK_BYTES = 1 << 20
+#: Free space below which a write that failed without an error number is put down to a full disk. A write that
+#: runs out of room leaves its partial file filling the disk, so what remains is a few blocks, far below this.
+LOW_SPACE_BYTES = 1 << 20
 
 
 # -- model cards without torch ------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def temp_file_beside(target: Path, suffix: str = "") -> Path:
     try:
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX + suffix, dir=target.parent)
     except OSError as error:
-        raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
+        raise write_failure(target, error) from None
     os.close(handle)
     return Path(name)
 
@@ -299,6 +307,105 @@ def atomic_write(target: Path) -> Iterator[Path]:
             os.chmod(temp, default_file_mode())
             os.replace(temp, target)
         except OSError as error:
-            raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
+            raise write_failure(target, error, temp) from None
     finally:
         temp.unlink(missing_ok=True)
+
+
+# -- why a write failed ----------------------------------------------------------------------------------
+
+# Rust libraries (safetensors) report an OS error only inside their text, as "... (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(target: str | Path, problem: BaseException | str, partial: str | Path | None = None) -> OutputError:
+    """The one-line :class:`OutputError` "cannot write TARGET: REASON" for a write that failed with ``problem``.
+
+    A user acts on the cause, not on the system call, so a full disk, an exceeded quota, a read-only file system,
+    a missing permission and a folder in the way are said in words, a full disk with the free space of the
+    target's file system. Writers that report no error number (SimpleITK, a read-back of the written file) can
+    hide a full disk: such a failure is put down to one when less than :data:`LOW_SPACE_BYTES` are free.
+    ``partial`` is the temporary file (or folder) that holds what was written: its bytes count as free in the
+    message, since it is removed, and its name, which means nothing to the user, is replaced by ``target``'s.
+    """
+    target = Path(target)
+    folder = _existing_folder(target.parent)
+    number = problem.errno if isinstance(problem, OSError) else None
+    if isinstance(problem, OSError):
+        text = problem.strerror or str(problem)
+    else:
+        text = str(problem)
+        found = _RUST_OS_ERROR.search(text)
+        number = int(found.group(1)) if found else None
+    free = _free_bytes(folder)
+    unexplained = number is None or number == errno.EIO  # what a full disk looks like to a writer that hides it
+    if number == errno.ENOSPC or (unexplained and free is not None and free < LOW_SPACE_BYTES):
+        shown_free = "" if free is None else f"{readable_size(free + _size_of(partial))} free in "
+        reason = f"no space left on the disk ({shown_free}{folder})"
+    elif number == getattr(errno, "EDQUOT", None):
+        reason = f"the disk quota is exceeded (in {folder})"
+    elif number == errno.EROFS:
+        reason = f"the file system is read-only ({folder})"
+    elif number in (errno.EACCES, errno.EPERM):
+        reason = f"permission denied (no right to write in {folder})"
+    elif number == errno.EISDIR:
+        reason = "it is a folder, not a file"
+    else:
+        reason = _without_temporary_names(text, partial, target)
+    return OutputError(f"cannot write {target}: {reason}")
+
+
+def readable_size(size: int) -> str:
+    """``size`` bytes as a person reads it: ``512 bytes``, ``12 KiB``, ``3.4 MiB``, ``1.2 GiB``."""
+    if size < 1024:
+        return f"{size} bytes"
+    value, unit = size / 1024, "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+
+
+def _existing_folder(folder: Path) -> Path:
+    """``folder`` as an absolute path, or its nearest existing ancestor (a write can fail before it is made)."""
+    folder = Path(os.path.abspath(folder))
+    for candidate in (folder, *folder.parents):
+        if candidate.is_dir():
+            return candidate
+    return folder
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """The bytes an unprivileged user may still write on ``folder``'s file system; None when it cannot be told."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _size_of(partial: str | Path | None) -> int:
+    """The bytes held by a temporary file or folder (0 when there is none): space the failed write gives back."""
+    if partial is None:
+        return 0
+    partial = Path(partial)
+    try:
+        if partial.is_dir():
+            return sum(entry.stat().st_size for entry in partial.rglob("*") if entry.is_file())
+        return partial.stat().st_size if partial.is_file() else 0
+    except OSError:
+        return 0
+
+
+def _without_temporary_names(text: str, partial: str | Path | None, target: Path) -> str:
+    """``text`` with every mention of the temporary file replaced by the target's name.
+
+    Writers name the file they were given, the temporary one; shown to a user it looks like a stray file of
+    theirs. Whatever still looks like a temporary name (``.partial``) after the exact replacements goes too.
+    """
+    if partial is not None:
+        partial = Path(partial)
+        for form in sorted({str(partial), os.path.abspath(partial)}, key=len, reverse=True):
+            text = text.replace(form, str(target))
+        text = text.replace(partial.name, target.name)
+    return re.sub(r"[^\s\"']*" + re.escape(PARTIAL_SUFFIX) + r"[^\s\"']*", target.name, text)

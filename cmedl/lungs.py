@@ -62,7 +62,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from cmedl.errors import ConfigError, InputError, NoLungsFoundError
-from cmedl.volumes import OutputSet, image_like, write_labelmap
+from cmedl.volumes import OutputSet, check_output_targets, image_like, write_labelmap
 
 WORKING_SPACING_MM = (2.5, 2.0, 2.0)  # (z, y, x): the working grid is about this coarse (see _working_factors)
 WORKING_GRID_MAX_VOXELS = 4_000_000  # a finer working grid than this is made coarser (see _working_factors)
@@ -200,8 +200,11 @@ def write_lung_masks(detection: LungDetection, lungs_out: str | Path | None, roi
     """Write the lung mask and/or the ROI mask as labelmaps, both or neither.
 
     The two files appear under their names together: when the second cannot be written (a full disk, a
-    folder that cannot be created) the first is removed too, so no half of the result is left behind.
+    folder that cannot be created) the first is not put in place either, and files the two would replace
+    keep their content, so no half of the result is left behind. A target that is a folder is refused
+    before either mask is written.
     """
+    check_output_targets([lungs_out or None, roi_out or None])
     with OutputSet():
         if lungs_out:
             write_labelmap(detection.lung_mask, lungs_out)

@@ -57,6 +57,7 @@ from cmedl.volumes import (
     LABELMAP_SUFFIXES,
     VOLUME_SUFFIXES,
     OutputSet,
+    check_output_targets,
     normalise_hu,
     read_volume,
     suffix_of,
@@ -389,14 +390,17 @@ def segment_to_files(
 ) -> dict[str, Any]:
     """Segment one CT with an already loaded model and write its outputs; returns the summary dict.
 
-    All outputs appear together when everything is written, or none does (:class:`cmedl.volumes.OutputSet`).
-    The labelmap header (NRRD formats) and the lesion table carry the provenance (:func:`provenance`); the
-    probability and uncertainty maps are uint8 (0-255 for 0-1) on the CT's grid.
+    All outputs appear together when everything is written, or none does (:class:`cmedl.volumes.OutputSet`),
+    and files they replace are kept when any of them fails. A target that is a folder is refused before the CT
+    is read, not after the segmentation. The labelmap header (NRRD formats) and the lesion table carry the
+    provenance (:func:`provenance`); the probability and uncertainty maps are uint8 (0-255 for 0-1) on the CT's
+    grid.
     """
     options, progress, model = segmenter.options, segmenter.progress, segmenter.model
     if uncertainty_path is not None and not options.tta:
         raise InputError("an uncertainty map needs test-time augmentation (tta)")
     check_output_paths(input_path, output_path, lesions_path, probabilities_path, uncertainty_path)
+    check_output_targets([output_path, lesions_path, probabilities_path, uncertainty_path])
     output_path = Path(output_path)
     progress.update(STAGE_READ, 0, 1, "reading")
     ct = read_volume(input_path)

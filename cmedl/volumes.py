@@ -7,20 +7,25 @@ SimpleITK's numpy order ``(z, y, x)``.
 Every write goes to a temporary name in the destination folder, is read back (header, and the voxel
 bytes the header promises; compressed files are inflated to their end) and only then renamed, so a
 half-written file never looks like a finished one, even where SimpleITK's NIfTI writer reports a full
-disk without failing. :class:`OutputSet` extends that to the several outputs of one command. Inputs are
-checked the same way before they are read (:mod:`cmedl.imagefiles`), and their geometry after.
+disk without failing. :class:`OutputSet` extends that to the several outputs of one command: the files
+replace earlier ones only once all of them are written, and a failure puts every earlier file back.
+A failed write is one line naming the final path (never the temporary one) and saying why in words
+(:func:`cmedl.filebase.write_failure`: a full disk with its free space, a read-only file system);
+:func:`check_output_targets` refuses a target that can never be written before any work is done. Inputs
+are checked the same way before they are read (:mod:`cmedl.imagefiles`), and their geometry after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cmedl.errors import InputError, OutputError
-from cmedl.filebase import PARTIAL_SUFFIX, default_file_mode, flush_to_disk, temp_file_beside
+from cmedl.filebase import PARTIAL_SUFFIX, default_file_mode, flush_to_disk, temp_file_beside, write_failure
 from cmedl.imagefiles import ImageFileError, check_image_file, inflate_nifti_gz
 from cmedl.niftigz import image_from_nifti_content, one_pass_fits
 
@@ -348,15 +353,37 @@ def _output_folder(path: Path) -> Path:
     return folder
 
 
+def check_output_targets(paths: Iterable[str | Path | None]) -> None:
+    """Refuse, before any work, an output path that can never be written: a folder, or one under a file.
+
+    Such a target otherwise fails only at the final rename, after the whole computation, and the other outputs
+    of the command with it. Missing folders are fine (they are created); ``None`` entries (outputs not asked
+    for) are skipped. Raises :class:`OutputError` naming the path.
+    """
+    for given in paths:
+        if given is None:
+            continue
+        path = Path(given)
+        if path.is_dir():
+            raise write_failure(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+        folder = path.parent if str(path.parent) else Path(".")
+        for above in (folder, *folder.parents):
+            if os.path.lexists(above):
+                if not above.is_dir():
+                    raise OutputError(f"cannot write {path}: {above} is a file, not a folder")
+                break
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, on failure remove it.
 
     The temporary name keeps the real suffix so that writers choose the right format. The file is flushed to
     disk before the rename (a crash never leaves ``path`` on a torn file). Inside an :class:`OutputSet` the
-    rename waits for the end of the set.
+    rename waits for the end of the set. A target that is a folder is refused before anything is written.
     """
     path = Path(path)
+    check_output_targets([path])
     _output_folder(path)
     temp = temp_file_beside(path, suffix_of(path) or path.suffix)
     handed_over = False
@@ -371,13 +398,13 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             outputs._stage([(temp, path)])
             handed_over = True
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise write_failure(path, error, temp) from None
     except RuntimeError as error:  # SimpleITK reports most failed writes (full disk) as RuntimeError
-        raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+        raise write_failure(path, _first_line(error), temp) from None
     except Exception as error:
         # safetensors reports a full disk as its own error type (model files are written through here).
         if type(error).__name__ == "SafetensorError":
-            raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+            raise write_failure(path, _first_line(error), temp) from None
         raise
     finally:
         if not handed_over:
@@ -396,6 +423,11 @@ class OutputSet:
     fails (a write, a verification, any exception), every temporary file is removed and no final name is
     touched, so a command never leaves its first output behind after its second failed. A set entered
     inside another hands its files to the outer one. The same final path twice is refused.
+
+    The renames themselves can still fail (a folder put in a target's place meanwhile, the folder removed):
+    each file a rename replaces is kept under a hidden backup name until every rename has succeeded, and on
+    a failure the files already renamed are taken back and the earlier ones put back, so what existed
+    before the command is what exists after it.
     """
 
     def __init__(self) -> None:
@@ -440,19 +472,29 @@ class OutputSet:
         self._staged.append((moves, cleanup))
 
     def _commit(self) -> None:
-        renamed: list[Path] = []
+        """Rename every staged file into place, all or none; the error names the path whose rename failed."""
+        moves = [move for moves, _ in self._staged for move in moves]
+        done: list[tuple[Path, Path | None]] = []  # (final, backup of the file it replaced)
+        current = moves[0][1] if moves else Path(".")
         try:
-            for moves, _ in self._staged:
-                for temp, final in moves:
-                    os.replace(temp, final)
-                    renamed.append(final)
-        except OSError as error:
-            # A rename failing half-way (the folder vanished, say): take back what was already renamed.
-            for final in renamed:
-                final.unlink(missing_ok=True)
-            raise OutputError(f"cannot write {final}: {error.strerror or error}") from None
-        finally:
+            for _, final in moves:  # the one failure the writes cannot have seen: a folder made since
+                if final.is_dir():
+                    current = final
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            for temp, final in moves:
+                current = final
+                done.append((final, _replace_keeping_backup(temp, final)))
+        except BaseException as error:
+            note = _put_back(done)
             self._discard()
+            if isinstance(error, OSError):
+                raise OutputError(f"{write_failure(current, error)}{note}") from None
+            raise  # an interrupt in the middle of the renames: everything is put back, the interrupt goes on
+        for _, backup in done:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+        self._discard()
 
     def _discard(self) -> None:
         for moves, cleanup in self._staged:
@@ -461,6 +503,61 @@ class OutputSet:
             if cleanup is not None:
                 shutil.rmtree(cleanup, ignore_errors=True)
         self._staged = []
+
+
+def _replace_keeping_backup(temp: Path, final: Path) -> Path | None:
+    """``os.replace(temp, final)``, keeping a file already at ``final`` under a hidden name, which is returned.
+
+    A hard link keeps the earlier file without copying it and without a moment in which ``final`` is missing;
+    on a file system without hard links the earlier file is moved aside instead, and moved back when the
+    rename fails. Returns None when nothing was at ``final``.
+    """
+    if not os.path.lexists(final):
+        os.replace(temp, final)
+        return None
+    backup = _unused_name_beside(final, ".backup")
+    try:
+        os.link(final, backup, follow_symlinks=False)
+        linked = True
+    except (OSError, NotImplementedError):
+        os.replace(final, backup)
+        linked = False
+    try:
+        os.replace(temp, final)
+    except BaseException:
+        if linked:
+            backup.unlink(missing_ok=True)
+        else:
+            os.replace(backup, final)
+        raise
+    return backup
+
+
+def _unused_name_beside(path: Path, suffix: str) -> Path:
+    """A hidden name in ``path``'s folder that nothing has (``.NAME.XXXX<suffix>``), for a link or a rename."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    os.unlink(name)  # os.link refuses an existing name; the random part keeps the name unused meanwhile
+    return Path(name)
+
+
+def _put_back(done: list[tuple[Path, Path | None]]) -> str:
+    """Undo renames already done: remove new files, put back the files they replaced (from the last one).
+
+    Returns an addition to the error message, empty unless an earlier file could not be put back: it then
+    says where that file is kept, since it is the user's data.
+    """
+    kept = []
+    for final, backup in reversed(done):
+        try:
+            if backup is None:
+                final.unlink(missing_ok=True)
+            else:
+                os.replace(backup, final)
+        except OSError:
+            if backup is not None:
+                kept.append(f"the earlier {final.name} could not be put back and is kept as {backup}")
+    return "; " + "; ".join(kept) if kept else ""
 
 
 # Formats whose header names a second file holding the voxels.
@@ -474,11 +571,12 @@ def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
     temporary folder next to ``path``; the voxel file is moved out first and the header last, so a header
     that exists always names a complete voxel file.
     """
+    check_output_targets([path])
     folder = _output_folder(path)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=folder))
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise write_failure(path, error) from None
     handed_over = False
     try:
         staged_header = staging / path.name
@@ -493,9 +591,9 @@ def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
             outputs._stage(moves, cleanup=staging)
             handed_over = True
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise write_failure(path, error, staging) from None
     except RuntimeError as error:
-        raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+        raise write_failure(path, _first_line(error), staging) from None
     finally:
         if not handed_over:
             shutil.rmtree(staging, ignore_errors=True)
@@ -520,7 +618,8 @@ def verify_written(image: sitk.Image, written: str | Path, shown: str | Path | N
     that reads back as a complete image. So the header is read back (size, components and spacing must
     match) and the file must hold every voxel byte its header promises; compressed data are inflated to
     the end of their stream, which also checks their CRC. ``shown`` is the name the message uses (the
-    final name, not the temporary one).
+    final name, not the temporary one); a failure on a nearly full disk is reported as a full disk
+    (:func:`cmedl.filebase.write_failure`), since that is what left the file unreadable.
     """
     written = Path(written)
     shown = Path(shown) if shown is not None else written
@@ -529,24 +628,25 @@ def verify_written(image: sitk.Image, written: str | Path, shown: str | Path | N
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        reason = _first_line(error)
-        raise OutputError(f"cannot write {shown}: the written file cannot be read back ({reason})") from None
+        reason = f"the written file cannot be read back ({_first_line(error)})"
+        raise write_failure(shown, reason, written) from None
     same = (
         tuple(reader.GetSize()) == tuple(image.GetSize())
         and reader.GetNumberOfComponents() == image.GetNumberOfComponentsPerPixel()
         and np.allclose(reader.GetSpacing(), image.GetSpacing(), rtol=1e-5, atol=1e-6)
     )
     if not same:
-        raise OutputError(
-            f"cannot write {shown}: the written file reads back as size {reader.GetSize()}, spacing "
+        reason = (
+            f"the written file reads back as size {reader.GetSize()}, spacing "
             f"{tuple(round(v, 6) for v in reader.GetSpacing())} instead of {image.GetSize()}, "
             f"{tuple(round(v, 6) for v in image.GetSpacing())}"
         )
+        raise write_failure(shown, reason, written)
     try:
         check_image_file(written, inflate=True)
     except (ImageFileError, OSError) as problem:
         reason = problem.strerror if isinstance(problem, OSError) else problem
-        raise OutputError(f"cannot write {shown}: the written file is incomplete (disk full?): {reason}") from None
+        raise write_failure(shown, f"the written file is incomplete: {reason}", written) from None
 
 
 _CAPTURE_LOCK = threading.Lock()
