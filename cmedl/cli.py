@@ -578,10 +578,18 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("predictions", help="a label file, or a folder of them (with --images: synthesised images)")
     parser.add_argument("references", help="the reference label file, or a folder matched by file name")
-    parser.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
-    parser.add_argument("--label", type=int, default=None, help="score only this label value of the predictions")
+    parser.add_argument(
+        "--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm, positive and finite (default 2)"
+    )
+    parser.add_argument(
+        "--label", type=int, default=None, help="score only this label value (1 or more) of the predictions"
+    )
     parser.add_argument("--strip", default="", help="suffix removed from prediction names before matching")
-    parser.add_argument("--csv", default=None, help="also write one row per case to this CSV file")
+    parser.add_argument(
+        "--csv",
+        default=None,
+        help="also write one row per case to this CSV file (not an input, nor inside an input folder)",
+    )
     parser.add_argument("--json", action="store_true", help="print the cases and the summary as JSON")
     parser.add_argument(
         "--compare",
@@ -602,7 +610,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.evaluate import evaluate, evaluate_translations, write_csv
+    from cmedl.evaluate import evaluate, evaluate_translations, refuse_output_among_inputs, write_csv
 
     if args.images:
         if args.csv or args.label is not None or args.compare:
@@ -616,6 +624,8 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     if args.compare:
         return _run_compare(args, progress)
+    if args.csv:  # before anything is read: the table must never replace an input
+        refuse_output_among_inputs(args.csv, [args.predictions, args.references])
     report = evaluate(args.predictions, args.references, args.tolerance, args.label, args.strip, progress)
     if args.csv:
         write_csv(report, args.csv)
@@ -628,8 +638,10 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _run_compare(args: argparse.Namespace, progress: Progress) -> int:
-    from cmedl.evaluate import compare_predictions, format_comparison, write_comparison_csv
+    from cmedl.evaluate import compare_predictions, format_comparison, refuse_output_among_inputs, write_comparison_csv
 
+    if args.csv:  # before anything is read: the table must never replace an input
+        refuse_output_among_inputs(args.csv, [args.predictions, args.compare, args.references])
     names = args.names.split(",")
     if len(names) != 2:
         raise InputError(f"--names takes two names separated by a comma, got {args.names!r}")

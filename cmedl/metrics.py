@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,8 +79,9 @@ class SurfaceDistances:
 
     def surface_dice(self, tolerance_mm: float) -> float:
         """Fraction of the combined surface area lying within ``tolerance_mm`` of the other surface."""
-        if tolerance_mm < 0:
-            raise InputError(f"surface Dice tolerance must be >= 0 mm, got {tolerance_mm}")
+        # NaN fails every comparison (surface Dice 0) and inf passes them all (surface Dice 1): both are refused.
+        if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+            raise InputError(f"surface Dice tolerance must be a finite number >= 0 mm, got {tolerance_mm}")
         total = self.truth_areas.sum() + self.prediction_areas.sum()
         if total == 0:
             return float("nan")
