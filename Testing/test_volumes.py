@@ -412,3 +412,30 @@ def test_2d_image_reads_as_one_slice_volume(tmp_path, fmt):
     assert volume.GetSpacing()[:2] == pytest.approx(spacing)
     assert volume.GetOrigin()[:2] == pytest.approx(origin)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(volume)[0], plane)
+
+
+def test_a_folder_of_two_dicom_series_reads_the_larger_and_says_so(tmp_path: Path) -> None:
+    """A scout or a second reconstruction beside the axial CT: the series with most slices is read, and the
+    choice is not silent (a note on the image, in the segment summary and in the progress log)."""
+    import json
+    import shutil
+
+    from conftest import run_cmedl
+
+    from cmedl.volumes import dicom_series_note
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(CIP_DICOM, mixed)
+    for index, path in enumerate(sorted((DATA / "ct_nolabel" / "dcmqi_ct-3slice").iterdir())):
+        shutil.copy(path, mixed / f"other_{index}.dcm")
+    image = read_volume(mixed)
+    assert image.GetSize() == (64, 64, 79)
+    note = dicom_series_note(image)
+    assert note is not None and "mixed holds 2 DICOM series" in note and "79 slices" in note
+    assert note.endswith("left out 3 slices")
+    assert dicom_series_note(read_volume(CIP_DICOM)) is None
+
+    done = run_cmedl("segment", str(mixed), "-o", str(tmp_path / "t.seg.nrrd"), "--json", "--progress", "text")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["input_note"] == note
+    assert f"note: {note}" in done.stderr

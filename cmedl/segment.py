@@ -58,6 +58,7 @@ from cmedl.volumes import (
     VOLUME_SUFFIXES,
     OutputSet,
     check_output_targets,
+    dicom_series_note,
     normalise_hu,
     read_volume,
     suffix_of,
@@ -405,6 +406,9 @@ def segment_to_files(
     progress.update(STAGE_READ, 0, 1, "reading")
     ct = read_volume(input_path)
     record = provenance(model, options, input_path)
+    series_note = dicom_series_note(ct)
+    if series_note:
+        progress.log(f"note: {series_note}")
     progress.update(STAGE_READ, 1, 1, "reading")
     result = segmenter.segment(ct, name=Path(input_path).name)
     progress.update(STAGE_WRITE, 0, 1, "writing")
@@ -415,6 +419,7 @@ def segment_to_files(
         "model": model.card.name,
         "model_sha256": model.sha256,
         "provenance": record,
+        **({"input_note": series_note} if series_note else {}),
     }
     with OutputSet():
         write_labelmap(result.label, output_path, model.card.segment_infos(), metadata=header)

@@ -194,6 +194,15 @@ def _dicom_series_ids(folder: Path) -> list[str]:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+#: metadata key of a volume read from a folder holding several DICOM series: which one was read, what was left out
+SERIES_NOTE_KEY = "cmedl_dicom_series_note"
+
+
+def dicom_series_note(image: sitk.Image) -> str | None:
+    """The note :func:`read_volume` leaves on a volume read from a folder of several DICOM series, else None."""
+    return image.GetMetaData(SERIES_NOTE_KEY) if image.HasMetaDataKey(SERIES_NOTE_KEY) else None
+
+
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     series_ids = _dicom_series_ids(folder)
     if not series_ids:
@@ -218,6 +227,15 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise InputError(f"cannot read the DICOM series in {folder}: {reason}") from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    if len(series_ids) > 1:
+        others = sorted((len(files_per_series[index]) for index in range(len(series_ids)) if index != chosen),
+                        reverse=True)  # fmt: skip
+        image.SetMetaData(
+            SERIES_NOTE_KEY,
+            f"{folder.name} holds {len(series_ids)} DICOM series: read the one with the most slices "
+            f"({len(files)} slices, series {series_ids[chosen]}), left out "
+            + ", ".join(f"{count} slice{'s' if count != 1 else ''}" for count in others),
+        )
     return image
 
 
