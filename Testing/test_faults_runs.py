@@ -387,9 +387,11 @@ def test_a_phantom_too_large_for_this_machine_is_refused_up_front(
 
 
 def _label_case(folder: Path, name: str, label: np.ndarray) -> CasePaths:
-    """A small CT (air in a soft-tissue box) and its label volume ``label`` (any dtype) as files."""
+    """A small CT (air around a soft-tissue box holding a patch of lung, so that it looks like a CT to the check
+    every CT training image passes) and its label volume ``label`` (any dtype) as files."""
     ct = np.full(label.shape, -1000, dtype=np.int16)
     ct[:, 2:-2, 2:-2] = 40
+    ct[:, 10:13, 3:13] = -800
     paths = []
     for kind, array in (("images", ct), ("labels", label)):
         (folder / kind).mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ from cmedl.memory import describe_bytes
 from cmedl.training.choices import METHODS, SEGMENTORS
 
 TEACHER_INPUTS = ("pseudo_mr", "paired_mr")
+# The values that name files or folders. A new run stores them absolute (TrainConfig.with_absolute_paths), so that
+# its config.json means the same data from any working directory: --resume, CMEDL Train and torchrun workers
+# started elsewhere read the files the run was started with.
+PATH_KEYS = ("ct", "mr", "validation", "paired_mr", "vgg_weights", "init")
 TRANSLATORS = ("cyclegan",)
 
 # Ranges a run can use at all; memory is checked separately (memory_problem), against the machine.
@@ -237,6 +242,39 @@ class TrainConfig:
                 value = text
             setattr(config, key, _coerce(key, value, getattr(config, key)))
         return config
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose :data:`PATH_KEYS` values are absolute, taken relative to the current directory (``~``
+        expanded; symbolic links kept, so the path stays the one the user gave).
+
+        Left as they are: empty values, ``vgg_weights`` ``random``, and an ``init`` that names no existing file or
+        folder (a catalogue name, or a missing path that :func:`cmedl.training.finetune.resolve_init` reports).
+        """
+        changes = {}
+        for key in PATH_KEYS:
+            value = getattr(self, key)
+            if not value or (key == "vgg_weights" and value == "random"):
+                continue
+            path = Path(value).expanduser()
+            if key == "init" and not path.exists():
+                continue
+            if not path.is_absolute() or str(path) != value:
+                changes[key] = os.path.abspath(path)
+        return dataclasses.replace(self, **changes)
+
+    def relative_paths_in_use(self) -> dict[str, str]:
+        """The :data:`PATH_KEYS` values this configuration reads that are relative paths (``key: value``): they
+        mean different files from another working directory. ``init`` is left out: a relative name there may be a
+        catalogue name, and a resumed run does not read it."""
+        used = ["ct", "validation"]
+        if self.method == "cmedl":
+            used += ["mr", "paired_mr" if self.teacher_input == "paired_mr" else "vgg_weights"]
+        found = {}
+        for key in used:
+            value = getattr(self, key)
+            if value and value != "random" and not Path(value).expanduser().is_absolute():
+                found[key] = value
+        return found
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first inconsistent value.

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from cmedl.errors import InputError, TrainingError
+from cmedl.errors import InputError, NotCTError, TrainingError
+from cmedl.modality import check_finite_voxels, check_looks_like_ct
 from cmedl.patches import crop_centered, resize_slices
 from cmedl.training.augment import AugmentConfig, augment_pair
 from cmedl.training.inventory import label_values_problem
@@ -111,11 +112,20 @@ def prepare_volume(
     label_value: int = 1,
 ) -> PreparedVolume:
     """Read, reorient, resample in-plane to ``spacing_mm`` (x, y) and normalise one case; its label must hold
-    only 0 and ``label_value`` (:func:`tumour_mask`)."""
-    image = sitk.DICOMOrient(read_volume(case.image), CANONICAL_ORIENTATION)
+    only 0 and ``label_value`` (:func:`tumour_mask`).
+
+    Refused as each file is read, naming it (:func:`check_training_image`): an image or float label with NaN or
+    infinite voxels (:class:`InputError`), and with ``is_ct`` an image that does not look like a CT in HU
+    (:class:`NotCTError`).
+    """
+    image = read_volume(case.image)
+    check_training_image(image, case.image, is_ct)
+    image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     label_array = None
     if case.label is not None:
-        label = sitk.DICOMOrient(read_volume(case.label), CANONICAL_ORIENTATION)
+        label = read_volume(case.label)
+        check_finite_voxels(label, str(case.label))
+        label = sitk.DICOMOrient(label, CANONICAL_ORIENTATION)
         if not same_geometry(image, label, tolerance=1e-3):
             raise InputError(f"label of case {case.name} is not on the image's grid")
         label_array = tumour_mask(sitk.GetArrayViewFromImage(label), label_value, case.label)
@@ -134,6 +144,27 @@ def prepare_volume(
     if len(context) == 0:
         context = np.arange(len(pixels))
     return PreparedVolume(case.name, normalised, label_array, tumour_slices, context)
+
+
+def check_training_image(image: sitk.Image, path: str | Path, is_ct: bool) -> None:
+    """Refuse a training image that would train a wrong model, naming its file: NaN or infinite voxels
+    (:class:`InputError`, with their count), and with ``is_ct`` one that does not look like a CT in Hounsfield
+    units (:class:`NotCTError`).
+
+    Why at reading time: NaN voxels surfaced only steps later as a non-finite loss with advice to lower the
+    learning rate, and an MR image in the CT folder trained without a word (the HU window turns it into a flat,
+    meaningless image). The CT test is :func:`cmedl.modality.check_looks_like_ct`, the one ``cmedl segment`` applies
+    before segmenting, so a model is trained only on images it would accept. An MRI has no such test.
+    """
+    check_finite_voxels(image, str(path))
+    if is_ct:
+        try:
+            check_looks_like_ct(image, str(path))
+        except NotCTError as error:
+            raise NotCTError(
+                f"{error}; the CT training and validation folders must hold CT images (MR images go in the MRI "
+                f"folder, --mr, of method cmedl)"
+            ) from None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -301,7 +302,15 @@ class CMEDLObjective(Objective):
     name = "cmedl"
     domains = ("ct", "mr")
 
-    def __init__(self, config: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        vgg: torch.nn.Module | None = None,
+    ) -> None:
+        """``vgg``: the contextual loss's VGG16 as :func:`load_contextual_vgg` loaded it (the trainer does so before
+        reading the data, so that missing weights fail at once); None loads it here."""
         from cmedl.contextual import ContextualLoss
         from cmedl.nets.cyclegan import ImagePool, build_translator, gan_loss
         from cmedl.nets.vgg import load_vgg16_features
@@ -333,7 +342,7 @@ class CMEDLObjective(Objective):
         self.pool_ct = ImagePool(config.pool_size, rng=config.seed + 1)
         self.contextual = None
         if self.translator is not None and config.use_cx and config.lambda_cx > 0:
-            vgg = load_vgg16_features(config.vgg_weights or None).to(device)
+            vgg = (vgg if vgg is not None else load_vgg16_features(config.vgg_weights or None)).to(device)
             self.contextual = ContextualLoss(
                 vgg,
                 band_width=config.cx_band_width,
@@ -568,9 +577,47 @@ class CMEDLObjective(Objective):
 OBJECTIVES: dict[str, type[Objective]] = {"ct_only": CTOnlyObjective, "cmedl": CMEDLObjective}
 
 
-def build_objective(config: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> Objective:
+def build_objective(
+    config: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, vgg: torch.nn.Module | None = None
+) -> Objective:
+    """The objective of ``config.method``; ``vgg``: the contextual loss's VGG16 already loaded
+    (:func:`load_contextual_vgg`), or None to load it when needed."""
     from cmedl.errors import ConfigError
 
     if config.method not in OBJECTIVES:
         raise ConfigError(f"method {config.method!r} is not available in this engine; choose {', '.join(OBJECTIVES)}")
+    if vgg is not None:
+        return OBJECTIVES[config.method](config, device, amp_dtype, vgg=vgg)
     return OBJECTIVES[config.method](config, device, amp_dtype)
+
+
+def contextual_loss_needs_vgg(config: TrainConfig) -> bool:
+    """Whether a run computes the contextual loss, and so needs VGG16 weights: CMEDL with its translator (not
+    the paired-MRI teacher), ``use_cx`` on and ``lambda_cx`` above 0 (as :class:`CMEDLObjective` decides)."""
+    return config.method == "cmedl" and config.teacher_input != "paired_mr" and config.use_cx and config.lambda_cx > 0
+
+
+def load_contextual_vgg(config: TrainConfig) -> tuple[torch.nn.Module | None, str]:
+    """The contextual loss's VGG16 with the weights ``config.vgg_weights`` names, and a log line (``""`` unless
+    the weights were downloaded now); ``(None, "")`` when the run needs none, or for ``random`` weights (drawn
+    where the objective is built, from the run's seed, as before).
+
+    Why apart from :func:`build_objective`: the trainer calls this before it reads the data, so that a missing
+    or unreadable weights file, or a failed download, ends the command at once in one line
+    (:class:`ConfigError`, from :func:`cmedl.nets.vgg.load_vgg16_features`) instead of after minutes of data
+    preparation. Without a file and with nothing in torch hub's cache the ImageNet weights are downloaded into that
+    cache (unless ``CMEDL_OFFLINE=1``); torch hub announces it on stdout ("Downloading: ..."), where the JSON events
+    of ``--progress json`` go, so that line is caught and the download reported as the returned log line instead.
+    """
+    if not contextual_loss_needs_vgg(config) or config.vgg_weights == "random":
+        return None, ""
+    from cmedl.nets.vgg import VGG16_FILE_NAME, load_vgg16_features, vgg16_cache_dir
+
+    if config.vgg_weights:
+        return load_vgg16_features(config.vgg_weights), ""
+    cached = vgg16_cache_dir() / VGG16_FILE_NAME
+    if cached.is_file():
+        return load_vgg16_features(None), ""
+    with contextlib.redirect_stdout(io.StringIO()):
+        vgg = load_vgg16_features(None)
+    return vgg, f"contextual loss: downloaded the ImageNet VGG16 weights into {cached}"

@@ -8,7 +8,8 @@ Layout of ``RUN/``::
     status.json        state, what it is doing (stage: data, training or validation, and a message), epoch,
                        best validation Dice, last losses, ETA (rewritten atomically)
     metrics.jsonl      one JSON object per finished epoch: every loss term, validation Dice, seconds (and of
-                       them validation_seconds)
+                       them validation_seconds); a value that has none (validation Dice without validation
+                       cases) is null
     checkpoint.pt      latest resumable state (networks, optimizers, RNG), written atomically
     model.safetensors  the best student as a model file (appears once the first epoch is validated)
     translator.safetensors  CMEDL: the CT->MR generator and the MRI teacher of that epoch (``cmedl translate``)
@@ -27,17 +28,23 @@ anything else is written, and a second claim is refused while the owner lives. A
 another host cannot be checked from here and is refused with the way to remove it. Files are written under
 temporary names (``.checkpoint.pt.XXXX.partial.pt``) and renamed when complete; a process killed while writing
 leaves such a file, which the next claimant removes (:meth:`RunFolder.remove_partial_files`).
+
+Every JSON file is strict JSON: a NaN or infinite number is written as ``null`` (Python's ``json`` would write
+``NaN``, which JavaScript, ``jq`` and most other readers refuse), and the readers here turn the ``NaN`` of files
+written by older versions into None as well.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import socket
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -284,12 +291,12 @@ class RunFolder:
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         with atomic_output(self.path / name) as temp:
-            temp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+            temp.write_text(_strict_json(data, indent=2, default=str) + "\n")
 
     def read_json(self, name: str) -> dict[str, Any]:
         path = self.path / name
         try:
-            return json.loads(path.read_text())
+            return finite_or_null(json.loads(path.read_text()))
         except FileNotFoundError:
             raise InputError(f"{path} not found: is {self.path} a run folder?") from None
         except json.JSONDecodeError as error:
@@ -304,20 +311,21 @@ class RunFolder:
     def append_metrics(self, record: dict[str, Any]) -> None:
         try:
             with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, default=_plain) + "\n")
+                handle.write(_strict_json(record, default=_plain) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as error:  # a full disk, say
             raise OutputError(f"cannot write {self.metrics_path}: {error.strerror or error}") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The per-epoch records; a torn last line (the process was killed while writing) is skipped."""
+        """The per-epoch records; a torn last line (the process was killed while writing) is skipped. A value
+        without a number is None, whether written as ``null`` or (by older versions) as ``NaN``."""
         if not self.metrics_path.exists():
             return []
         records = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
-                records.append(json.loads(line))
+                records.append(finite_or_null(json.loads(line)))
             except json.JSONDecodeError:
                 continue
         return records
@@ -326,7 +334,7 @@ class RunFolder:
         """Keep only records up to ``last_epoch`` (used on resume: later epochs are run again)."""
         kept = [record for record in self.read_metrics() if record.get("epoch", 0) <= last_epoch]
         with atomic_output(self.metrics_path) as temp:
-            temp.write_text("".join(json.dumps(record, default=_plain) + "\n" for record in kept))
+            temp.write_text("".join(_strict_json(record, default=_plain) + "\n" for record in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         import torch  # here, not at the top: reading a run's status and metrics needs no torch
@@ -335,9 +343,16 @@ class RunFolder:
             torch.save(state, temp)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        """The latest checkpoint, loaded with ``weights_only=True`` (no arbitrary objects are unpickled)."""
+        """The latest checkpoint, loaded with ``weights_only=True`` (no arbitrary objects are unpickled).
+
+        A file that cannot be one (empty, not a zip archive as ``torch.save`` writes, or a zip cut short) is
+        refused with a sentence that says so (:meth:`checkpoint_problem`) rather than torch's reader's words.
+        """
         if not self.checkpoint_path.exists():
             raise InputError(f"{self.path} has no checkpoint to resume from (no epoch finished yet?)")
+        problem = self.checkpoint_problem()
+        if problem:
+            raise InputError(problem)
         import pickle
 
         import torch
@@ -358,6 +373,41 @@ class RunFolder:
         if not isinstance(state, dict) or "epoch" not in state or "objective" not in state:
             raise InputError(f"checkpoint {self.checkpoint_path} is not a cmedl training checkpoint")
         return state
+
+    def checkpoint_problem(self) -> str:
+        """Why ``checkpoint.pt`` cannot be a checkpoint, found without unpickling anything (one line, ``""`` when
+        it may be one): empty, not a zip archive (``torch.save`` writes one), or a zip archive cut short (its
+        directory, at the end, is missing: a copy or a write that stopped early).
+
+        Why here: a torn file otherwise surfaced as torch's ``EOFError``, ``[Errno 22]`` or a bare number, and
+        only after the data were prepared. The run can no longer be resumed from such a file; the message says
+        so, and names the run's best model when there is one (``--init`` starts a new run from it).
+        """
+        path = self.checkpoint_path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+        except OSError as error:
+            return f"checkpoint {path} cannot be read: {error.strerror or error}"
+        if size == 0:
+            what = "is empty (0 bytes)"
+        elif head != _ZIP_MAGIC:
+            what = "is not a training checkpoint (torch.save writes a zip archive; this file is not one)"
+        else:
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    archive.namelist()
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+                what = f"is truncated or damaged ({size:,} bytes, the end of its zip archive is missing)"
+            else:
+                return ""
+        best = (
+            f"; the best model so far is intact: start a new run from it with --init {self.path}"
+            if self.model_path.is_file()
+            else ""
+        )
+        return f"checkpoint {path} {what}, so the run cannot be resumed from it{best}"
 
 
 def _first_line(error: BaseException) -> str:
@@ -385,7 +435,29 @@ def _process_alive(pid: int, process_start: Any, token: Any) -> bool:
     return not (isinstance(process_start, int) and _process_start(pid) not in (None, process_start))
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # how a zip archive, and so every torch.save file, begins
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite number (also in nested dicts and lists, and 0-d numpy or torch
+    scalars) replaced by None: what strict JSON can hold (``null``)."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    if not isinstance(value, (str, bytes, bool, int, float)) and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _strict_json(data: Any, **options: Any) -> str:
+    """``json.dumps`` of ``data`` that never writes ``NaN`` or ``Infinity`` (see the module docstring)."""
+    return json.dumps(finite_or_null(data), allow_nan=False, **options)
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
-        return value.item()
+        return finite_or_null(value.item())
     return str(value)

@@ -109,7 +109,12 @@ class RunSnapshot:
             return {str(k): float(v) for k, v in losses.items() if isinstance(v, (int, float))}
         if self.metrics:
             last = self.metrics[-1]
-            return {k[len("loss_") :]: float(v) for k, v in last.items() if k.startswith("loss_")}
+            # A term without a number is null in metrics.jsonl (runfolder.finite_or_null): left out, not a crash.
+            return {
+                k[len("loss_") :]: float(v)
+                for k, v in last.items()
+                if k.startswith("loss_") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
         return {}
 
     @property

@@ -7,6 +7,11 @@ case's lung and tumour slices, ``validation_slices_per_case``; see :meth:`Traine
 ``stage`` says whether it is training or validating), writes a checkpoint atomically and, when validation Dice
 improved, exports the student as ``model.safetensors``.
 
+Before the data are read (minutes for many real CTs), a run tries what can fail without them: a resumed run loads
+its checkpoint, and a CMEDL run its contextual loss's VGG16 weights. Every training image is checked as it is read
+(:func:`cmedl.training.data.check_training_image`: finite voxels, and a CT that looks like one). A new run stores
+its data paths absolute (:meth:`TrainConfig.with_absolute_paths`), so it can be resumed from any directory.
+
 One process trains in a run folder at a time: rank 0 claims it (``run.lock``, :meth:`RunFolder.claim`) before
 anything is written and gives it back when the run ends, however it ends. A folder whose run never finished an
 epoch (no checkpoint) is started again in place: by the same command, or by ``--resume``.
@@ -74,7 +79,7 @@ from cmedl.training.data import (
     weighted_dice,
 )
 from cmedl.training.finetune import InitSource, check_init, init_log_lines, initialise_networks, resolve_init
-from cmedl.training.objectives import Objective, build_objective
+from cmedl.training.objectives import Objective, build_objective, contextual_loss_needs_vgg, load_contextual_vgg
 from cmedl.training.runfolder import FAILED, FINISHED, RUNNING, STOPPED, RunFolder
 from cmedl.training.volume_cache import PreparedVolumeCache
 from cmedl.volumes import atomic_output, normalise_hu, normalise_mr
@@ -133,7 +138,9 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, progress: Progress | None = None, resume: bool = False) -> None:
-        self.config = config.validate()
+        # A new run keeps its data paths absolute, so that its config.json names the same files from any working
+        # directory (a resume's paths were made absolute by resume_run).
+        self.config = (config if resume else config.with_absolute_paths()).validate()
         self.progress = progress or Progress()
         self.resume = resume
         self.run = RunFolder(config.out)
@@ -165,7 +172,9 @@ class Trainer:
         data.setdefault("validation_slices_per_case", 0)
         data.update({key: value for key, value in overrides.items() if value is not None})
         data["out"] = str(run_path)
-        return cls(TrainConfig.from_dict(data), progress=progress, resume=True)
+        config = TrainConfig.from_dict(data)
+        _check_relative_paths(config, run)
+        return cls(config.with_absolute_paths(), progress=progress, resume=True)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -278,6 +287,19 @@ class Trainer:
                 f"none of the {len(datasets.ct_training)} training CT labels in {config.ct} contains a tumour"
             )
         return datasets
+
+    def _load_contextual_vgg(self) -> torch.nn.Module | None:
+        """The contextual loss's VGG16 (:func:`load_contextual_vgg`), loaded before the data so that missing weights
+        fail at once; None where the run needs none or draws it at random. A download can take minutes: status.json
+        says so, and a stop signal ends it at once (nothing to save yet)."""
+        if not contextual_loss_needs_vgg(self.config) or self.config.vgg_weights == "random":
+            return None
+        self._write_stage("data", "loading the VGG16 weights of the contextual loss")
+        with interrupts.interruptible():
+            vgg, note = load_contextual_vgg(self.config)
+        if note:
+            self._log(note)
+        return vgg
 
     def _prepare_data_interruptibly(self) -> Datasets:
         """Reading data holds nothing worth saving: a stop signal ends it at once. (Only the reading: a signal that
@@ -432,6 +454,9 @@ class Trainer:
                 self.parent = self.init_source.parent()
             elif self.main and self.resume and self.config.init:
                 self.parent = self.run.read_json("run.json").get("parent")
+            # What can fail without the data is tried before them: reading a large dataset takes minutes.
+            resumed = self._on_every_process(self.run.load_checkpoint) if self.resume else None
+            vgg = self._on_every_process(self._load_contextual_vgg)
             datasets = self._on_every_process(self._prepare_data_interruptibly)
             if not self.resume and self.main:
                 self._write_run_files(datasets.lists)
@@ -439,7 +464,7 @@ class Trainer:
                 # A resume's overrides (more epochs, another device) are the run's configuration from now on: the
                 # next plain --resume, the panels and `cmedl runs` read them from here.
                 self.run.write_json("config.json", self.config.to_dict())
-            return self._loop(datasets)
+            return self._loop(datasets, resumed, vgg)
         except Interrupted as stop:
             return self._finish(STOPPED, f"stopped by {stop.signal_name} while preparing data, before training: "
                                          f"{self._how_to_continue()}")  # fmt: skip
@@ -452,14 +477,18 @@ class Trainer:
             self._finish(FAILED, f"{type(error).__name__}: {error}")
             raise
 
-    def _loop(self, datasets: Datasets) -> dict[str, Any]:
+    def _loop(
+        self, datasets: Datasets, resumed: dict[str, Any] | None = None, vgg: torch.nn.Module | None = None
+    ) -> dict[str, Any]:
+        """Train from the start, or (``resumed``: the checkpoint, loaded before the data) from where it ends;
+        ``vgg``: the contextual loss's network when it was loaded before the data."""
         config = self.config
         training, validation = datasets.ct_training, datasets.ct_validation
         rank = distributed.rank()
         # The same torch seed everywhere starts the replicas identical; each process draws its own patches.
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed + rank)
-        objective = build_objective(config, self.device, self.amp_dtype)
+        objective = build_objective(config, self.device, self.amp_dtype, vgg=vgg)
         precision = precision_name(self.amp_dtype) + (" autocast" if self.amp_dtype is not None else "")
         threads = ""
         if self.device.type == "cpu":
@@ -477,11 +506,14 @@ class Trainer:
         preview_images = self._preview_patches(validation or training) if self.main else torch.zeros(0)
         # Drawn once: every epoch (and every resume) scores the same slices.
         validation_samples = self._validation_samples(validation) if self.main else []
+        if not validation:
+            self._log(self._no_validation_note(len(training)))
+        undefined_dice_told = False
         first_epoch, best_dice, best_epoch, stale_epochs = 1, -math.inf, 0, 0
         # A checkpoint written by a stop in the middle of an epoch continues that epoch.
         first_iteration, carried_sums = 1, {}
         if self.resume:
-            state = self.run.load_checkpoint()
+            state = resumed if resumed is not None else self.run.load_checkpoint()
             objective.load_state_dict(state["objective"])
             finished = int(state["epoch"])
             first_epoch = finished + 1
@@ -610,7 +642,17 @@ class Trainer:
             self.run.write_status(self.status)
             self._report("epoch", epoch, config.epochs, "epochs")
             terms = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
-            self._log(f"epoch {epoch}: {terms}, validation Dice {validation_dice:.4f}")
+            if math.isnan(validation_dice):
+                self._log(f"epoch {epoch}: {terms}, no validation Dice")
+                if validation and not undefined_dice_told:
+                    undefined_dice_told = True
+                    self._log(
+                        f"validation Dice of epoch {epoch} is undefined: none of the {len(validation)} validation "
+                        f"case(s) holds tumour in its scored slices and the model marks none there (metrics.jsonl "
+                        f"records null)"
+                    )
+            else:
+                self._log(f"epoch {epoch}: {terms}, validation Dice {validation_dice:.4f}")
             ending = None
             if validation and stale_epochs >= config.early_stopping_patience:
                 ending = f"early stopping after epoch {epoch}: best epoch {best_epoch}"
@@ -657,6 +699,22 @@ class Trainer:
         for name, value in distributed.mean_over_processes(sums).items():
             totals[name] = totals.get(name, 0.0) + value
         return EpochSteps(totals, finished, finished - first_iteration + 1, stopped)
+
+    def _no_validation_note(self, training_cases: int) -> str:
+        """The log line that says why a run has no validation cases, and what that means for its files (said once,
+        where a line per epoch would say "nan")."""
+        config = self.config
+        if config.validation_fraction <= 0:
+            why = "validation_fraction is 0 and no validation folder is given"
+        else:
+            why = (
+                f"the CT folder {config.ct} holds {training_cases} case(s), too few to hold one back (at least 2 are "
+                f"needed), and no validation folder is given (--set validation=DIR)"
+            )
+        return (
+            f"validation: none, so no validation Dice ({why}); every epoch's model is exported as the latest, and "
+            f"metrics.jsonl records validation_dice null"
+        )
 
     def _validation_samples(self, volumes: list[PreparedVolume]) -> list[ValidationSample]:
         """The slices each validation case is scored on, drawn once per run (:func:`validation_sample`); logged."""
@@ -873,10 +931,26 @@ def _config_differences(saved: dict[str, Any], config: TrainConfig, shown: int =
     """The values in which ``config`` differs from a run folder's saved configuration (``key old -> new``, the
     first ``shown``), ignoring :data:`RESTART_MAY_DIFFER`; ``""`` when it is the same run."""
     try:
-        before = TrainConfig.from_dict({key: value for key, value in saved.items() if key != "out"}).to_dict()
+        # A run saved with relative paths (older versions) is compared as seen from here.
+        before = TrainConfig.from_dict({key: value for key, value in saved.items() if key != "out"})
+        before = before.with_absolute_paths().to_dict()
     except ConfigError:
         return "its config.json is not a valid configuration"
     now = config.to_dict()
     keys = [key for key in now if key not in RESTART_MAY_DIFFER and before.get(key) != now[key]]
     listed = ", ".join(f"{key} {before.get(key)!r} -> {now[key]!r}" for key in keys[:shown])
     return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _check_relative_paths(config: TrainConfig, run: RunFolder) -> None:
+    """Refuse to resume, from a directory where they are not found, a run whose ``config.json`` holds relative data
+    paths (older versions stored them as given): they are relative to the directory the run was started in, and
+    the plain "not found" would not say so. Found from here, they are used, and stored absolute from then on."""
+    relative = config.relative_paths_in_use()
+    missing = {key: value for key, value in relative.items() if not Path(value).expanduser().exists()}
+    if missing:
+        key, value = next(iter(missing.items()))
+        raise InputError(
+            f"{run.config_path} holds the relative path {key} {value!r}, which is not found from {Path.cwd()}: "
+            f"resume from the directory the run was started in (its paths are then stored absolute)"
+        )

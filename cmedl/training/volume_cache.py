@@ -39,7 +39,9 @@ from cmedl.volumes import atomic_output
 # Part of every key. Raise it when prepare_volume gives other arrays for the same files and settings (another
 # resampling, normalisation or lung-slice rule) or when the entry layout changes: older entries then miss
 # instead of training on stale data. The engine version is part of the key as well, for the same reason.
-FORMAT_VERSION = 1
+# 2: prepare_volume refuses images with NaN or infinite voxels and CT images that do not look like a CT; an entry
+# written before would let such a file through on a resume without being read.
+FORMAT_VERSION = 2
 SUFFIX = ".npz"
 ZIP_MAGIC = b"PK\x03\x04"  # how an .npz (a zip archive) begins
 # Free space an entry must leave on the run folder's disk. The cache is written before the first checkpoint and
