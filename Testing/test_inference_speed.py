@@ -274,6 +274,7 @@ def test_fast_path_agrees_with_the_reference_on_a_phantom(builtin) -> None:
     assert reference.summary()["fast_path"] == {
         "enabled": False,
         "tiling": reference.summary()["fast_path"]["tiling"],
+        "prefetch": 0,  # a CPU prepares no tiles ahead
         "threads": path["threads"],
         "threads_reason": path["threads_reason"],
     }

@@ -98,9 +98,9 @@ def test_a_resumed_run_reads_every_case_from_the_cache(
     seen: list = []
     loop = Trainer._loop
 
-    def capturing(self: Trainer, datasets) -> dict:
+    def capturing(self: Trainer, datasets, *args, **kwargs) -> dict:
         seen.append(datasets)
-        return loop(self, datasets)
+        return loop(self, datasets, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "_loop", capturing)
     prepared_from_files.clear()
@@ -193,7 +193,7 @@ def test_a_cache_folder_that_cannot_be_created_does_not_fail_the_run(small_phant
     assert Trainer(config_for(small_phantoms / "ct", out)).fit()["state"] == "finished"
     failures = log_lines(out, "cache:")
     assert len(failures) == 1, failures
-    assert "cache/volumes" in failures[0] and "Not a directory" in failures[0]
+    assert "cache/volumes" in failures[0] and "is a file, not a folder" in failures[0]
     assert "training goes on without" in failures[0]
     assert log_lines(out, "data:") == ["data: 4 case(s) prepared, 0 of them from the run's cache"]
     assert (out / "cache").read_text() == "a file where the cache folder would go\n"

@@ -936,7 +936,7 @@ def _config_differences(saved: dict[str, Any], config: TrainConfig, shown: int =
         before = before.with_absolute_paths().to_dict()
     except ConfigError:
         return "its config.json is not a valid configuration"
-    now = config.to_dict()
+    now = config.with_absolute_paths().to_dict()
     keys = [key for key in now if key not in RESTART_MAY_DIFFER and before.get(key) != now[key]]
     listed = ", ".join(f"{key} {before.get(key)!r} -> {now[key]!r}" for key in keys[:shown])
     return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
