@@ -101,3 +101,30 @@ def test_segment_stopped_while_torch_loads_reports_a_stop_not_a_crash(tmp_path: 
         if child.returncode == 130:
             assert lines == ["cmedl: error: stopped by SIGINT; nothing written"], err
         assert not (tmp_path / "o.nrrd").exists() or child.returncode == 0
+
+
+def test_a_signal_after_the_command_has_ended_does_not_turn_its_success_into_a_kill() -> None:
+    """A Cancel racing the end of a run (or Ctrl-C during the interpreter's shutdown): the outputs are in place and
+    the exit code is decided, so the process exits with it instead of being killed (143)."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        from cmedl import cli
+
+        command = cli.main
+
+        def main_then_signal(argv=None):
+            code = command(argv)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            return code
+
+        cli.main = main_then_signal
+        sys.argv = ["cmedl", "models", "list"]
+        cli.console()
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "demo" in done.stdout

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmedl import __version__
-from cmedl.cpu import mark_cli_process
+from cmedl.cpu import is_cli_process, mark_cli_process
 from cmedl.devices import DEFAULT_DEVICE, DEVICES
 from cmedl.errors import (
     PARTIAL_FAILURE_EXIT_CODE,
@@ -922,7 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # SIGTERM and SIGINT: `train` stops at its next consistent point and saves it; every other command stops
         # at once, its temporary files removed as the exception passes (see cmedl.interrupts).
-        with stop_signals(cooperative=args.command == "train"):
+        # In the command-line process a signal after the command's end is ignored: the outcome is decided.
+        with stop_signals(cooperative=args.command == "train", ignore_after=is_cli_process()):
             return handler(args, progress)
     except Interrupted as stop:
         return _report(progress, _stopped_message(args, stop.signal_name), stop.exit_code)

@@ -84,11 +84,14 @@ def _deliver_again_later(signum: int) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals(cooperative: bool = False) -> Iterator[bool]:
+def stop_signals(cooperative: bool = False, ignore_after: bool = False) -> Iterator[bool]:
     """Handle SIGTERM and SIGINT for the length of the block; yields whether the handlers were installed.
 
     Nothing is installed outside the main thread (Python allows signal handlers only there) or when another
-    block of this kind is already active; the previous handlers come back when the block ends.
+    block of this kind is already active; the previous handlers come back when the block ends, unless
+    ``ignore_after``: then the signals are ignored from the end of the block on. The command line asks for that
+    because its outcome is decided then (outputs in place, exit code chosen), and a signal during the
+    interpreter's shutdown (a Cancel racing the end of the run) would turn it into a kill, exit 143.
     """
     global _ACTIVE
     if threading.current_thread() is not threading.main_thread() or _ACTIVE is not None:
@@ -105,6 +108,8 @@ def stop_signals(cooperative: bool = False) -> Iterator[bool]:
     finally:
         _ACTIVE = None
         for signum, handler in previous.items():
+            if ignore_after:
+                handler = signal.SIG_IGN
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
