@@ -241,6 +241,12 @@ def test_the_translator_export_makes_pseudo_mri_on_the_ct_grid(unpaired: Path, t
         "translate", str(ct_path), "-o", str(tmp_path / "y.nii.gz"), "--model", str(out / "model.safetensors")
     )
     assert wrong.returncode == 4
+    # a pseudo-MRI is no segmentation, and an MRI is no CT (the one line says how to go on anyway)
+    named = run_cmedl("translate", str(ct_path), "-o", str(tmp_path / "p.seg.nrrd"), "--model", str(translator))
+    assert named.returncode == 3 and "not a segmentation" in named.stderr and not (tmp_path / "p.seg.nrrd").exists()
+    mr_path = sorted((unpaired / "mr" / "images").iterdir())[0]
+    refused = run_cmedl("translate", str(mr_path), "-o", str(tmp_path / "m.nii.gz"), "--model", str(translator))
+    assert refused.returncode == 5 and "--force translates it anyway" in refused.stderr
 
 
 def sitk_array(image):

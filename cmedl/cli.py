@@ -288,7 +288,12 @@ def _run_translate(args: argparse.Namespace, progress: Progress) -> int:
 
     if not Path(args.input).exists():
         raise InputError(f"input not found: {args.input}")
-    summary = translate_file(args.input, args.output, args.model, args.device, args.force, progress)
+    if str(args.output).lower().endswith(".seg.nrrd"):
+        raise InputError(f"{args.output}: a pseudo-MRI is an image, not a segmentation; write .nii.gz, .nrrd or .mha")
+    try:
+        summary = translate_file(args.input, args.output, args.model, args.device, args.force, progress)
+    except NotCTError as error:
+        raise NotCTError(f"{error} (--force translates it anyway)") from None
     progress.done(summary)
     if args.progress != "json":
         print(f"{summary['output']}: pseudo-MRI in {summary['seconds']:.1f} s on {summary['device']}")
