@@ -322,3 +322,24 @@ def test_a_failed_vgg_download_fails_before_the_data_in_one_line_and_prints_noth
     run = RunFolder(out)
     assert not run.volume_cache_path.exists() and "data:" not in run.log_path.read_text()
     assert not any((tmp_path / "torch").rglob("*.pth"))
+
+
+def test_validation_without_a_score_still_exports_a_model_and_does_not_stop_early(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation cases without tumour, where the student marks none either, have no Dice (weighted_dice's NaN:
+    both masks empty; stood in for here, since a barely trained student's false positives are not controllable).
+    Such epochs must neither leave the run without a model nor count towards early stopping."""
+    from cmedl.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "weighted_dice", lambda predicted, truth, weights: float("nan"))
+    out = tmp_path / "run"
+    config = TrainConfig.from_dict({**RUN, "ct": str(data / "ct"), "out": str(out), "epochs": 3,
+                                    "validation_fraction": 0.5, "early_stopping_patience": 1})  # fmt: skip
+    status = Trainer(config).fit()
+    assert status["state"] == "finished" and "early stopping" not in status["message"], status["message"]
+    run = RunFolder(out)
+    assert [record["epoch"] for record in run.read_metrics()] == [1, 2, 3]
+    assert run.model_path.is_file()
+    log = run.log_path.read_text()
+    assert log.count("is undefined") == 1 and "the latest student is exported" in log

@@ -601,9 +601,12 @@ class Trainer:
             # Without validation cases the latest student is the best we know.
             score = validation_dice if validation else float(epoch)
             improved = score > best_dice
+            # Validation cases without tumour, where the student marks none either, give no Dice: until an epoch
+            # scores, the latest student is exported (a run must not end without a model) and no epoch is stale.
+            provisional = bool(validation) and math.isnan(validation_dice) and best_epoch == 0
             if improved:
                 best_dice, best_epoch, stale_epochs = score, epoch, 0
-            else:
+            elif not provisional:
                 stale_epochs += 1
             record = {
                 "epoch": epoch,
@@ -615,7 +618,7 @@ class Trainer:
                 "time": _now(),
             }
             self.run.append_metrics(record)
-            if improved:
+            if improved or provisional:
                 self._export(objective, epoch, validation_dice, datasets)
             # The schedules move on once the epoch is complete, just before its checkpoint.
             objective.end_epoch()
@@ -649,7 +652,7 @@ class Trainer:
                     self._log(
                         f"validation Dice of epoch {epoch} is undefined: none of the {len(validation)} validation "
                         f"case(s) holds tumour in its scored slices and the model marks none there (metrics.jsonl "
-                        f"records null)"
+                        f"records null); until an epoch scores, the latest student is exported"
                     )
             else:
                 self._log(f"epoch {epoch}: {terms}, validation Dice {validation_dice:.4f}")
