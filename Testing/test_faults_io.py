@@ -387,6 +387,17 @@ def test_a_dicom_series_with_a_truncated_slice_is_refused(tmp_path, fraction):
         read_volume(files[0].parent)
 
 
+def test_an_empty_slice_file_is_named_not_read_as_a_missing_slice(tmp_path):
+    files = _dicom_series(tmp_path / "series", [0.0, 2.5, 5.0, 7.5, 10.0])
+    files[2].write_bytes(b"")  # a copy that never finished
+    with pytest.raises(InputError, match=r"slice file slice002.dcm is empty \(0 bytes\)"):
+        read_volume(files[0].parent)
+    (files[0].parent / "notes.txt").write_bytes(b"")  # an empty file of another kind is no slice
+    files[2].unlink()
+    with pytest.raises(InputError, match="1 missing slice"):
+        read_volume(files[0].parent)
+
+
 # -- model cards ---------------------------------------------------------------------------------------
 
 

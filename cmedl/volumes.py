@@ -243,17 +243,21 @@ def _refuse_unlisted_slices(folder: Path, series_id: str, listed: set[str]) -> N
     """Refuse a series one of whose files GDCM left out because it cannot parse it (a truncated slice).
 
     GDCM silently drops such a file from the series, which then reads as if the slice never existed. A
-    DICOM file in the folder that is in no series but names the chosen series' UID is such a slice.
+    DICOM file in the folder that is in no series but names the chosen series' UID is such a slice; so is an
+    empty file named like the series' files (a copy that never finished), which names nothing at all.
     """
     needle = series_id.encode("ascii", "ignore")
     if not needle:
         return
+    slice_suffixes = {Path(name).suffix.lower() for name in listed}
     for entry in sorted(folder.iterdir()):
         if entry.name in listed or entry.name.startswith(".") or entry.name.upper() == "DICOMDIR":
             continue
         try:
             if not entry.is_file():
                 continue
+            if entry.stat().st_size == 0 and entry.suffix.lower() in slice_suffixes:
+                raise InputError(f"DICOM series in {folder}: slice file {entry.name} is empty (0 bytes)")
             with open(entry, "rb") as handle:
                 head = handle.read(1 << 16)
         except OSError:
