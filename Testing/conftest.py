@@ -30,6 +30,20 @@ TINY = {
     "device": "cpu",
 }
 
+#: a run that takes seconds: 32x32 patches at 6 mm, a 4-channel U-Net, one step (no validation unless asked)
+SECONDS_RUN = {
+    "segmentor": "unet",
+    "segmentor_options": {"base_channels": 4},
+    "patch_size": 32,
+    "spacing_mm": [6.0, 6.0],
+    "batch_size": 2,
+    "iterations_per_epoch": 1,
+    "epochs": 1,
+    "validation_fraction": 0.0,
+    "augment": False,
+    "device": "cpu",
+}
+
 #: the same for CMEDL: a one-block generator, a random VGG16, few contextual-loss positions
 TINY_CMEDL = {
     "method": "cmedl",

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, SECONDS_RUN
 
 from cmedl.cli import main
 from cmedl.errors import ConfigError, InputError, RunInUseError
@@ -44,19 +44,8 @@ from cmedl.volumes import normalise_hu
 POSIX = os.name == "posix"
 pytestmark = pytest.mark.skipif(not POSIX, reason="signals and mounts as on Linux")
 
-#: a run that takes seconds: 2 phantoms (no validation unless a test asks), 32x32 patches, a 4-channel U-Net
-RUN = {
-    "segmentor": "unet",
-    "segmentor_options": {"base_channels": 4},
-    "patch_size": 32,
-    "spacing_mm": [6.0, 6.0],
-    "batch_size": 2,
-    "iterations_per_epoch": 1,
-    "epochs": 1,
-    "validation_fraction": 0.0,
-    "augment": False,
-    "device": "cpu",
-}
+#: a run that takes seconds (no validation unless a test asks)
+RUN = SECONDS_RUN
 STOP_WITHIN_S = 5.0  # the bound from the signal to the stopped state on disk
 # ... and to the exit, which adds the interpreter's teardown (torch's, slow on a loaded machine).
 EXIT_WITHIN_S = 20.0

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, SECONDS_RUN
 
 from cmedl.cli import main
 from cmedl.errors import ConfigError
@@ -37,18 +37,7 @@ from cmedl.training.runs import read_run
 from cmedl.training.trainer import Trainer
 
 #: a run that takes seconds (no validation unless a test asks)
-RUN = {
-    "segmentor": "unet",
-    "segmentor_options": {"base_channels": 4},
-    "patch_size": 32,
-    "spacing_mm": [6.0, 6.0],
-    "batch_size": 2,
-    "iterations_per_epoch": 1,
-    "epochs": 1,
-    "validation_fraction": 0.0,
-    "augment": False,
-    "device": "cpu",
-}
+RUN = SECONDS_RUN
 #: the same for CMEDL: a one-block translator, few contextual-loss positions (VGG weights chosen by each test)
 CMEDL_RUN = {**RUN, "method": "cmedl", "translator_options": {"base_channels": 4, "n_blocks": 1},
              "cx_max_positions": 16}  # fmt: skip
