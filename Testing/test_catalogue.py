@@ -473,6 +473,39 @@ def test_a_file_placed_by_hand_works_without_network(home, model_file, tmp_path,
     assert resolve_model("lungnet") == target
 
 
+def test_the_shipped_built_in_model_has_its_recorded_sha256():
+    """A retrained demo model needs its new sha256 in catalogue.BUILTIN_SHA256 (the value to put there is
+    printed here); a damaged installed file is refused by the same comparison."""
+    for name, path in catalogue.BUILTIN_MODELS.items():
+        actual = _sha256(path)
+        assert actual == catalogue.BUILTIN_SHA256[name], f"set BUILTIN_SHA256[{name!r}] = {actual!r}"
+        catalogue.check_model_integrity(path, actual)
+        with pytest.raises(ModelFileError, match="built-in model file .* is damaged.*reinstall"):
+            catalogue.check_model_integrity(path, "0" * 64)
+
+
+def test_a_downloaded_model_damaged_on_the_disk_is_refused(home, model_file, tmp_path, monkeypatch):
+    from cmedl.phantom import make_phantom
+    from cmedl.segment import SegmentOptions, segment_file
+    from cmedl.volumes import write_volume
+
+    _, entry = _serve(model_file, tmp_path)
+    _use_catalogue(monkeypatch, tmp_path, [entry])
+    target = download_model("lungnet", accept_license=True)
+    ct = write_volume(make_phantom("ct", seed=2, size=64).image, tmp_path / "ct.nii.gz")
+    segment_file(ct, tmp_path / "ok.seg.nrrd", resolve_model("lungnet"), SegmentOptions(device="cpu"))
+    # One byte of the weights flips (the last byte of the file is inside the last tensor): it still loads.
+    content = bytearray(target.read_bytes())
+    content[-1] ^= 0x01
+    target.write_bytes(bytes(content))
+    modelfile.load_model(target)
+    with pytest.raises(ModelFileError, match="downloaded model file lungnet.safetensors is damaged.*clear-cache"):
+        segment_file(ct, tmp_path / "bad.seg.nrrd", resolve_model("lungnet"), SegmentOptions(device="cpu"))
+    assert not (tmp_path / "bad.seg.nrrd").exists()
+    # A user's own file has nothing to be compared with: it is used as it is.
+    catalogue.check_model_integrity(model_file, "0" * 64)
+
+
 # -- resolving --model -----------------------------------------------------------------------------
 
 

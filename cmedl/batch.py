@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cmedl.catalogue import check_model_integrity
 from cmedl.errors import CancelledError, CMEDLError, InputError, OutputError
 from cmedl.lesions import read_lesions
 from cmedl.modelfile import load_model
@@ -189,6 +190,7 @@ def run_batch(
         for folder in folders:
             created += _make_folder(folder)
         model = load_model(model_path)  # once for the whole batch
+        check_model_integrity(model.path, model.sha256)
         segmenter = Segmenter(model, options, progress)
         for index, (path, case) in enumerate(zip(inputs, cases)):
             progress.update("batch", index, total, case)

@@ -39,6 +39,8 @@ from cmedl.filebase import SEGMENTOR_KIND, atomic_write, peek_model_card, shown_
 BUILTIN_DEMO = "demo"
 _RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 BUILTIN_MODELS = {BUILTIN_DEMO: _RESOURCES / "Models" / "cmedl-demo-unet.safetensors"}
+#: sha256 of each built-in model file as shipped (a retrained file needs its new value here; a test says so)
+BUILTIN_SHA256 = {BUILTIN_DEMO: "e49385c0b0087f5da157c66fb4def34fddd59dcc5032a67adcb6558144dd3b83"}
 
 SOURCE_BUILTIN = "builtin"
 SOURCE_USER = "user"
@@ -500,6 +502,35 @@ def builtin_model_path(name: str = BUILTIN_DEMO) -> Path:
     if not path.is_file():
         raise ModelFileError(f"the built-in model {name!r} is not installed (expected {path})")
     return path
+
+
+def check_model_integrity(path: str | Path, sha256: str) -> None:
+    """Refuse a built-in or downloaded model file whose bytes are not the ones the catalogue knows.
+
+    A flipped byte in the weights still loads (the shapes are right) and then segments wrongly without a sign;
+    a built-in file is known by :data:`BUILTIN_SHA256`, a downloaded one by its catalogue entry's sha256 (checked
+    when it was downloaded, and again here, since a file can be damaged on the disk later). Other files (a user's,
+    a run's) have no reference to check against. ``sha256`` is the file's, already computed by the caller.
+    """
+    resolved = Path(path).resolve()
+    for name, builtin in BUILTIN_MODELS.items():
+        if builtin.resolve() == resolved and sha256 != BUILTIN_SHA256[name]:
+            raise ModelFileError(
+                f"the built-in model file {resolved.name} is damaged: its sha256 is {sha256[:12]}..., not the "
+                f"shipped {BUILTIN_SHA256[name][:12]}...; reinstall the extension (or the package)"
+            )
+    if resolved.parent != cache_dir().resolve():
+        return
+    try:
+        entries = load_catalogue()
+    except ConfigError:
+        return  # a damaged site catalogue says so where it is listed; it must not stop a segmentation
+    for entry in entries:
+        if entry.sha256 and cached_model_path(entry.name).resolve() == resolved and sha256 != entry.sha256:
+            raise ModelFileError(
+                f"the downloaded model file {resolved.name} is damaged: its sha256 is {sha256[:12]}..., not the "
+                f"catalogue's {entry.sha256[:12]}...; remove it (`cmedl models clear-cache`) and download it again"
+            )
 
 
 def resolve_model(name_or_path: str | None) -> Path:

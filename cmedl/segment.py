@@ -34,6 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cmedl import __version__
+from cmedl.catalogue import check_model_integrity
 from cmedl.devices import resolve_device
 from cmedl.errors import InputError, OutputError
 from cmedl.filebase import file_sha256
@@ -475,6 +476,7 @@ def segment_file(
         raise InputError("an uncertainty map needs test-time augmentation (tta)")
     check_output_paths(input_path, output_path, lesions_path, probabilities_path, uncertainty_path)
     model = load_model(model_path)
+    check_model_integrity(model.path, model.sha256)
     return segment_to_files(
         Segmenter(model, options, progress),
         input_path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cmedl.filebase import file_sha256
 from cmedl.modelfile import load_model, save_model
 from cmedl.training.config import TrainConfig, paper_deviations
 
@@ -50,4 +51,7 @@ def deviations_of(training: dict) -> list[str]:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__.strip().splitlines()[-1])
-    print(finish(Path(sys.argv[1]), Path(sys.argv[2])))
+    finished = finish(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(finished)
+    # Shipped as the built-in model, the file is checked against this value (cmedl.catalogue.BUILTIN_SHA256).
+    print(f"sha256 for BUILTIN_SHA256: {file_sha256(finished)}")
