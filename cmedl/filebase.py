@@ -356,15 +356,11 @@ def write_failure(target: str | Path, problem: BaseException | str, partial: str
 
 
 def readable_size(size: int) -> str:
-    """``size`` bytes as a person reads it: ``512 bytes``, ``12 KiB``, ``3.4 MiB``, ``1.2 GiB``."""
-    if size < 1024:
-        return f"{size} bytes"
-    value, unit = size / 1024, "KiB"
-    for larger in ("MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, larger
-    return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    """``size`` bytes as a person reads it (:func:`cmedl.memory.describe_bytes`), with a few bytes spelled
+    ``512 bytes``: a nearly full disk is often down to so few."""
+    from cmedl.memory import describe_bytes  # only a failed write needs it; this floor imports nothing at start
+
+    return f"{size} bytes" if size < 1024 else describe_bytes(size)
 
 
 def _existing_folder(folder: Path) -> Path:
